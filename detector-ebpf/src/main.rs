@@ -1,0 +1,525 @@
+//! Kernel programs of the detector.
+//!
+//! * credential access: syscall-exit tracepoints of every call that returns a
+//!   new file descriptor; fd -> file -> inode -> (dev, ino) is looked up in
+//!   `CREDENTIALS`, so the path string used never matters.
+//! * lineage: fork copies holder state to the child, exec and exit report.
+//! * egress: cgroup/connect4|6 and sendmsg4|6 at the cgroup-v2 root report
+//!   destinations and apply the verdict (`decide`) in the kernel.
+//!
+//! Kernel struct offsets arrive in the `OFFSETS` global from userspace (read
+//! from BTF at start-up): rustc emits no CO-RE relocations.
+#![no_std]
+#![no_main]
+
+use core::{mem::size_of, ptr::addr_of_mut};
+
+use aya_ebpf::{
+    EbpfContext,
+    bindings::{BPF_F_NO_PREALLOC, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    helpers::{
+        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
+        bpf_get_current_task, bpf_get_current_uid_gid, bpf_ktime_get_boot_ns,
+        bpf_probe_read_kernel, bpf_probe_read_kernel_str_bytes, bpf_send_signal,
+    },
+    macros::{cgroup_sock_addr, map, raw_tracepoint, tracepoint},
+    maps::{lpm_trie::Key, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
+    programs::{RawTracePointContext, SockAddrContext, TracePointContext},
+};
+use detector_common::{
+    decide, v4_mapped, AccessRoute, AllowKey4, AllowKey6, AllowPorts, CgroupPolicy, ConnectEvent,
+    ConnectSeenKey, CredentialAccessEvent, CredentialInfo, CredentialKey, DecisionInput, DenyRule,
+    EgressHook, EventHeader, EventKind, ExecEvent, ExitEvent, ForkEvent, Holder, KernelOffsets,
+    PolicyAction, ProgramConfig, Verdict, AF_INET, AF_INET6, COMM_LEN, EVENT_KINDS, FILENAME_LEN,
+};
+
+// ---- configuration written by userspace before load -------------------------
+
+#[no_mangle]
+static OFFSETS: KernelOffsets = unsafe { core::mem::zeroed() };
+#[no_mangle]
+static CONFIG: ProgramConfig = unsafe { core::mem::zeroed() };
+
+#[inline(always)]
+fn offsets() -> KernelOffsets {
+    // volatile: the value is patched into .rodata at load time.
+    unsafe { core::ptr::read_volatile(&OFFSETS) }
+}
+
+#[inline(always)]
+fn config() -> ProgramConfig {
+    unsafe { core::ptr::read_volatile(&CONFIG) }
+}
+
+// ---- maps -------------------------------------------------------------------
+
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(8 << 20, 0);
+#[map]
+static CREDENTIALS: HashMap<CredentialKey, CredentialInfo> =
+    HashMap::with_max_entries(65536, BPF_F_NO_PREALLOC);
+#[map]
+static HOLDERS: LruHashMap<u32, Holder> = LruHashMap::with_max_entries(65536, 0);
+#[map]
+static CGROUP_POLICY: HashMap<u64, CgroupPolicy> =
+    HashMap::with_max_entries(65536, BPF_F_NO_PREALLOC);
+#[map]
+static ALLOW4: LpmTrie<AllowKey4, AllowPorts> = LpmTrie::with_max_entries(65536, BPF_F_NO_PREALLOC);
+#[map]
+static ALLOW6: LpmTrie<AllowKey6, AllowPorts> = LpmTrie::with_max_entries(65536, BPF_F_NO_PREALLOC);
+#[map]
+static DENY_CGROUP: HashMap<u64, DenyRule> = HashMap::with_max_entries(16384, BPF_F_NO_PREALLOC);
+#[map]
+static DENY_TGID: HashMap<u32, DenyRule> = HashMap::with_max_entries(16384, BPF_F_NO_PREALLOC);
+#[map]
+static CONNECT_SEEN: LruHashMap<ConnectSeenKey, u64> = LruHashMap::with_max_entries(65536, 0);
+/// Events that could not be delivered (ring buffer full), per kind.
+#[map]
+static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(EVENT_KINDS, 0);
+/// Events delivered, per kind.
+#[map]
+static EMITTED: PerCpuArray<u64> = PerCpuArray::with_max_entries(EVENT_KINDS, 0);
+
+const FMODE_READ: u32 = 1;
+const SIGKILL: u32 = 9;
+
+// ---- small helpers ----------------------------------------------------------
+
+#[inline(always)]
+fn bump(map: &PerCpuArray<u64>, kind: EventKind) {
+    if let Some(p) = map.get_ptr_mut(kind as u32) {
+        unsafe { *p += 1 };
+    }
+}
+
+/// Wake-up flags: important events wake the reader at once; bulk events let
+/// it poll on its timer unless the ring is filling up.
+#[inline(always)]
+fn submit_flags(urgent: bool) -> u64 {
+    if urgent {
+        return 0;
+    }
+    if EVENTS.query(BPF_RB_AVAIL_DATA as u64) > config().wakeup_bytes {
+        BPF_RB_FORCE_WAKEUP as u64
+    } else {
+        BPF_RB_NO_WAKEUP as u64
+    }
+}
+
+#[inline(always)]
+unsafe fn read_at<T>(base: *const u8, off: u32) -> Result<T, i64> {
+    bpf_probe_read_kernel(base.wrapping_add(off as usize) as *const T).map_err(|e| e as i64)
+}
+
+#[inline(always)]
+fn header(kind: EventKind) -> EventHeader {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    EventHeader {
+        kind: kind as u16,
+        _pad0: 0,
+        pid: pid_tgid as u32,
+        tgid: (pid_tgid >> 32) as u32,
+        _pad1: 0,
+        time_ns: unsafe { bpf_ktime_get_boot_ns() },
+        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+    }
+}
+
+#[inline(always)]
+fn comm() -> [u8; COMM_LEN] {
+    bpf_get_current_comm().unwrap_or([0; COMM_LEN])
+}
+
+/// `current->real_parent->tgid`, 0 if unreadable.
+#[inline(always)]
+fn current_ppid(off: &KernelOffsets) -> u32 {
+    unsafe {
+        let task = bpf_get_current_task() as *const u8;
+        match read_at::<*const u8>(task, off.task_real_parent) {
+            Ok(parent) => read_at::<u32>(parent, off.task_tgid).unwrap_or(0),
+            Err(_) => 0,
+        }
+    }
+}
+
+// ---- credential access ------------------------------------------------------
+
+/// Resolves fd -> (dev, ino, f_mode) in the current task's fd table.
+#[inline(always)]
+unsafe fn file_identity(off: &KernelOffsets, fd: u64) -> Result<(CredentialKey, u32), i64> {
+    let task = bpf_get_current_task() as *const u8;
+    let files: *const u8 = read_at(task, off.task_files)?;
+    let fdt: *const u8 = read_at(files, off.files_fdt)?;
+    let max_fds: u32 = read_at(fdt, off.fdtable_max_fds)?;
+    if fd >= max_fds as u64 {
+        return Err(-1);
+    }
+    let fd_array: *const *const u8 = read_at(fdt, off.fdtable_fd)?;
+    let file: *const u8 = bpf_probe_read_kernel(fd_array.wrapping_add(fd as usize))?;
+    let inode: *const u8 = read_at(file, off.file_f_inode)?;
+    let ino: u64 = read_at(inode, off.inode_i_ino)?;
+    let sb: *const u8 = read_at(inode, off.inode_i_sb)?;
+    let dev: u32 = read_at(sb, off.super_block_s_dev)?;
+    let f_mode: u32 = read_at(file, off.file_f_mode)?;
+    Ok((CredentialKey { dev: dev as u64, ino }, f_mode))
+}
+
+#[inline(always)]
+fn on_fd_returned(ctx: &TracePointContext, route: AccessRoute) -> u32 {
+    // sys_exit_*: `long ret` at offset 16 (after common fields and __syscall_nr).
+    let ret: i64 = match unsafe { ctx.read_at::<i64>(16) } {
+        Ok(r) => r,
+        Err(_) => return 0,
+    };
+    if ret < 0 || config().enabled == 0 {
+        return 0;
+    }
+    let off = offsets();
+    let (key, f_mode) = match unsafe { file_identity(&off, ret as u64) } {
+        Ok(v) => v,
+        Err(_) => return 0,
+    };
+    let info = match unsafe { CREDENTIALS.get(&key) } {
+        Some(i) => *i,
+        None => return 0,
+    };
+    let hdr = header(EventKind::CredentialAccess);
+    if f_mode & FMODE_READ != 0 {
+        let holder = Holder {
+            credential_id: info.id,
+            origin_tgid: hdr.tgid,
+            since_ns: hdr.time_ns,
+        };
+        let _ = HOLDERS.insert(&hdr.tgid, &holder, 0);
+    }
+    let Some(mut entry) = EVENTS.reserve::<CredentialAccessEvent>(0) else {
+        bump(&LOST, EventKind::CredentialAccess);
+        return 0;
+    };
+    let uid_gid = bpf_get_current_uid_gid();
+    entry.write(CredentialAccessEvent {
+        header: hdr,
+        ppid: current_ppid(&off),
+        uid: uid_gid as u32,
+        gid: (uid_gid >> 32) as u32,
+        credential_id: info.id,
+        dev: key.dev,
+        ino: key.ino,
+        f_mode,
+        route: route as u16,
+        _pad0: 0,
+        fd: ret as i32,
+        _pad1: 0,
+        comm: comm(),
+    });
+    entry.submit(submit_flags(true));
+    bump(&EMITTED, EventKind::CredentialAccess);
+    0
+}
+
+#[tracepoint]
+pub fn sys_exit_open(ctx: TracePointContext) -> u32 {
+    on_fd_returned(&ctx, AccessRoute::Open)
+}
+
+#[tracepoint]
+pub fn sys_exit_openat(ctx: TracePointContext) -> u32 {
+    on_fd_returned(&ctx, AccessRoute::Openat)
+}
+
+#[tracepoint]
+pub fn sys_exit_openat2(ctx: TracePointContext) -> u32 {
+    on_fd_returned(&ctx, AccessRoute::Openat2)
+}
+
+#[tracepoint]
+pub fn sys_exit_creat(ctx: TracePointContext) -> u32 {
+    on_fd_returned(&ctx, AccessRoute::Creat)
+}
+
+#[tracepoint]
+pub fn sys_exit_open_by_handle_at(ctx: TracePointContext) -> u32 {
+    on_fd_returned(&ctx, AccessRoute::OpenByHandleAt)
+}
+
+#[tracepoint]
+pub fn sys_exit_pidfd_getfd(ctx: TracePointContext) -> u32 {
+    on_fd_returned(&ctx, AccessRoute::PidfdGetfd)
+}
+
+// ---- lineage ----------------------------------------------------------------
+
+/// raw_tp sched_process_fork(struct task_struct *parent, struct task_struct *child)
+#[raw_tracepoint(tracepoint = "sched_process_fork")]
+pub fn sched_process_fork(ctx: RawTracePointContext) -> i32 {
+    if config().enabled == 0 {
+        return 0;
+    }
+    let off = offsets();
+    let parent: *const u8 = ctx.arg(0);
+    let child: *const u8 = ctx.arg(1);
+    let (child_pid, child_tgid, parent_tgid) = unsafe {
+        match (
+            read_at::<u32>(child, off.task_pid),
+            read_at::<u32>(child, off.task_tgid),
+            read_at::<u32>(parent, off.task_tgid),
+        ) {
+            (Ok(a), Ok(b), Ok(c)) => (a, b, c),
+            _ => return 0,
+        }
+    };
+    if child_pid != child_tgid {
+        return 0; // a new thread shares its process's holder state already
+    }
+    let mut inherited = 0;
+    if let Some(h) = unsafe { HOLDERS.get(&parent_tgid) } {
+        let h = *h;
+        inherited = h.credential_id;
+        let _ = HOLDERS.insert(&child_tgid, &h, 0);
+    }
+    let Some(mut entry) = EVENTS.reserve::<ForkEvent>(0) else {
+        bump(&LOST, EventKind::Fork);
+        return 0;
+    };
+    let mut hdr = header(EventKind::Fork);
+    hdr.pid = child_pid;
+    hdr.tgid = child_tgid;
+    entry.write(ForkEvent {
+        header: hdr,
+        parent_tgid,
+        inherited_credential: inherited,
+        comm: comm(),
+    });
+    entry.submit(submit_flags(false));
+    bump(&EMITTED, EventKind::Fork);
+    0
+}
+
+/// tracepoint sched/sched_process_exec: `__data_loc char[] filename` at 8.
+#[tracepoint]
+pub fn sched_process_exec(ctx: TracePointContext) -> u32 {
+    if config().enabled == 0 {
+        return 0;
+    }
+    let off = offsets();
+    let hdr = header(EventKind::Exec);
+    let holder = unsafe { HOLDERS.get(&hdr.tgid) }.map(|h| h.credential_id).unwrap_or(0);
+    let loc: u32 = unsafe { ctx.read_at(8) }.unwrap_or(0);
+    let Some(mut entry) = EVENTS.reserve::<ExecEvent>(0) else {
+        bump(&LOST, EventKind::Exec);
+        return 0;
+    };
+    let ev = entry.as_mut_ptr();
+    let uid_gid = bpf_get_current_uid_gid();
+    unsafe {
+        addr_of_mut!((*ev).header).write(hdr);
+        addr_of_mut!((*ev).ppid).write(current_ppid(&off));
+        addr_of_mut!((*ev).uid).write(uid_gid as u32);
+        addr_of_mut!((*ev).holder_credential).write(holder);
+        addr_of_mut!((*ev).comm).write(comm());
+        let name = &mut *addr_of_mut!((*ev).filename);
+        let src = (ctx.as_ptr() as *const u8).wrapping_add((loc & 0xffff) as usize);
+        let len = match bpf_probe_read_kernel_str_bytes(src, name) {
+            Ok(s) => s.len() as u32 + 1,
+            Err(_) => {
+                name[0] = 0;
+                0
+            }
+        };
+        addr_of_mut!((*ev).filename_len).write(len);
+    }
+    entry.submit(submit_flags(holder != 0));
+    bump(&EMITTED, EventKind::Exec);
+    0
+}
+
+/// raw_tp sched_process_exit runs in the exiting task's context.
+#[raw_tracepoint(tracepoint = "sched_process_exit")]
+pub fn sched_process_exit(_ctx: RawTracePointContext) -> i32 {
+    if config().enabled == 0 {
+        return 0;
+    }
+    let hdr = header(EventKind::Exit);
+    if hdr.pid != hdr.tgid {
+        return 0; // a thread, not the process
+    }
+    let holder = unsafe { HOLDERS.get(&hdr.tgid) }.map(|h| h.credential_id).unwrap_or(0);
+    if holder != 0 {
+        let _ = HOLDERS.remove(&hdr.tgid);
+    }
+    // A deny rule names a process, not a pid number that will be reused.
+    let _ = DENY_TGID.remove(&hdr.tgid);
+    let Some(mut entry) = EVENTS.reserve::<ExitEvent>(0) else {
+        bump(&LOST, EventKind::Exit);
+        return 0;
+    };
+    entry.write(ExitEvent { header: hdr, holder_credential: holder, _pad: 0 });
+    entry.submit(submit_flags(false));
+    bump(&EMITTED, EventKind::Exit);
+    0
+}
+
+// ---- egress -----------------------------------------------------------------
+
+#[inline(always)]
+fn rule_action(rule: Option<&DenyRule>) -> Option<PolicyAction> {
+    rule.map(|r| PolicyAction::from_u32(r.action))
+}
+
+/// Decide, report and enforce one egress. Returns 1 (allow) or 0 (EPERM).
+#[inline(always)]
+fn on_egress(ctx: &SockAddrContext, hook: EgressHook) -> i32 {
+    let cfg = config();
+    if cfg.enabled == 0 {
+        return 1;
+    }
+    let sa = unsafe { &*ctx.sock_addr };
+    let port = u16::from_be(sa.user_port as u16);
+    let mut addr = [0u8; 16];
+    let mut family = AF_INET;
+    match hook {
+        EgressHook::Connect4 | EgressHook::Sendmsg4 => {
+            let a = sa.user_ip4.to_ne_bytes();
+            addr[0] = a[0];
+            addr[1] = a[1];
+            addr[2] = a[2];
+            addr[3] = a[3];
+        }
+        EgressHook::Connect6 | EgressHook::Sendmsg6 => {
+            let w = [sa.user_ip6[0], sa.user_ip6[1], sa.user_ip6[2], sa.user_ip6[3]];
+            let mut full = [0u8; 16];
+            let mut i = 0;
+            while i < 4 {
+                let b = w[i].to_ne_bytes();
+                full[i * 4] = b[0];
+                full[i * 4 + 1] = b[1];
+                full[i * 4 + 2] = b[2];
+                full[i * 4 + 3] = b[3];
+                i += 1;
+            }
+            match v4_mapped(&full) {
+                Some(v4) => {
+                    addr[0] = v4[0];
+                    addr[1] = v4[1];
+                    addr[2] = v4[2];
+                    addr[3] = v4[3];
+                }
+                None => {
+                    family = AF_INET6;
+                    addr = full;
+                }
+            }
+        }
+    }
+    let protocol = sa.protocol as u8;
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+
+    let holder = unsafe { HOLDERS.get(&tgid) }.map(|h| h.credential_id).unwrap_or(0);
+    let policy: Option<CgroupPolicy> = if holder != 0 {
+        unsafe { CGROUP_POLICY.get(&cgroup_id) }.copied()
+    } else {
+        None
+    };
+    let allowed: Option<&AllowPorts> = match policy {
+        None => None,
+        Some(p) if family == AF_INET => {
+            let key = Key::new(
+                64,
+                AllowKey4 {
+                    policy_id_be: p.policy_id.to_be_bytes(),
+                    addr: [addr[0], addr[1], addr[2], addr[3]],
+                },
+            );
+            ALLOW4.get(&key)
+        }
+        Some(p) => {
+            let key = Key::new(160, AllowKey6 { policy_id_be: p.policy_id.to_be_bytes(), addr });
+            ALLOW6.get(&key)
+        }
+    };
+    let (verdict, reason) = decide(&DecisionInput {
+        enforce: cfg.enforce != 0,
+        deny_process: rule_action(unsafe { DENY_TGID.get(&tgid) }),
+        deny_cgroup: rule_action(unsafe { DENY_CGROUP.get(&cgroup_id) }),
+        is_holder: holder != 0,
+        policy: policy.map(|p| PolicyAction::from_u32(p.action)),
+        allowed,
+        port,
+    });
+
+    let notable = holder != 0 || verdict != Verdict::Allowed;
+    if !notable && cfg.connect_dedup_ns != 0 {
+        let key = ConnectSeenKey { cgroup_id, tgid, port, family, addr };
+        let now = unsafe { bpf_ktime_get_boot_ns() };
+        if let Some(last) = unsafe { CONNECT_SEEN.get(&key) } {
+            if now.wrapping_sub(*last) < cfg.connect_dedup_ns {
+                return 1;
+            }
+        }
+        let _ = CONNECT_SEEN.insert(&key, &now, 0);
+    }
+
+    if verdict == Verdict::Killed {
+        unsafe { bpf_send_signal(SIGKILL) };
+    }
+    match EVENTS.reserve::<ConnectEvent>(0) {
+        Some(mut entry) => {
+            let mut hdr = header(EventKind::Connect);
+            hdr.cgroup_id = cgroup_id;
+            entry.write(ConnectEvent {
+                header: hdr,
+                family,
+                port,
+                protocol,
+                hook: hook as u8,
+                verdict: verdict as u8,
+                reason: reason as u8,
+                holder_credential: holder,
+                addr,
+                comm: comm(),
+            });
+            entry.submit(submit_flags(notable));
+            bump(&EMITTED, EventKind::Connect);
+        }
+        None => bump(&LOST, EventKind::Connect),
+    }
+    match verdict {
+        Verdict::Denied | Verdict::Killed => 0,
+        _ => 1,
+    }
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn connect4(ctx: SockAddrContext) -> i32 {
+    on_egress(&ctx, EgressHook::Connect4)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn connect6(ctx: SockAddrContext) -> i32 {
+    on_egress(&ctx, EgressHook::Connect6)
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn sendmsg4(ctx: SockAddrContext) -> i32 {
+    on_egress(&ctx, EgressHook::Sendmsg4)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
+    on_egress(&ctx, EgressHook::Sendmsg6)
+}
+
+// Keep the event layouts in sync with the reader's length checks.
+const _: () = assert!(size_of::<ExecEvent>() == 48 + 16 + FILENAME_LEN);
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[link_section = "license"]
+#[no_mangle]
+static LICENSE: [u8; 4] = *b"GPL\0";

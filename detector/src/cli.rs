@@ -1,0 +1,206 @@
+//! Command line (the contract in ../shared/DESIGN.md) and the config file
+//! that can set every `run` flag.
+
+use std::{net::SocketAddr, path::PathBuf};
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use serde::Deserialize;
+
+#[derive(Debug, Parser)]
+#[command(name = "detector", version, about = "eBPF runtime credential-misuse detector for Kubernetes nodes")]
+pub struct Cli {
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human, env = "DETECTOR_LOG_FORMAT")]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon (observes every cgroup; embedded defaults need no flags).
+    Run(RunArgs),
+    /// Validate intent files; prints `file:line: message` per error.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
+    /// List the node's credential files, their owner pods and workloads.
+    Inventory(InventoryArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Check intent files or directories; exits non-zero on any error.
+    Check {
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+pub struct InventoryArgs {
+    #[arg(long)]
+    pub kubelet_dir: Option<PathBuf>,
+    #[arg(long)]
+    pub cgroup_root: Option<PathBuf>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Every block and kill becomes an alert (dry run).
+    Observe,
+    /// Block and kill as the intents say.
+    #[default]
+    Enforce,
+}
+
+/// `detector run` flags. Every flag may also come from `--config FILE`
+/// (YAML, same names in snake_case); a flag on the command line wins.
+#[derive(Debug, Default, clap::Args)]
+pub struct RunArgs {
+    /// YAML config file setting any of the flags below.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Intent file or directory (repeatable).
+    #[arg(long = "policy")]
+    pub policy: Vec<PathBuf>,
+    /// Kubelet state directory [default: /var/lib/kubelet].
+    #[arg(long)]
+    pub kubelet_dir: Option<PathBuf>,
+    /// cgroup-v2 mount [default: found automatically].
+    #[arg(long)]
+    pub cgroup_root: Option<PathBuf>,
+    /// Where findings go as JSON lines (`-` = stdout) [default: -].
+    #[arg(long)]
+    pub alerts: Option<String>,
+    /// Address for /metrics, /healthz and /readyz [default: 0.0.0.0:9464].
+    #[arg(long)]
+    pub metrics_addr: Option<SocketAddr>,
+    /// observe | enforce [default: enforce].
+    #[arg(long, value_enum)]
+    pub mode: Option<Mode>,
+    /// Extra credential file to watch, outside the kubelet layout (repeatable).
+    #[arg(long = "credential-file")]
+    pub credential_file: Vec<PathBuf>,
+    /// Deny all egress of this cgroup-v2 directory in the kernel (repeatable).
+    #[arg(long = "deny-cgroup")]
+    pub deny_cgroup: Vec<PathBuf>,
+    /// Stream every decoded kernel event as a JSON line here (`-` = stdout).
+    #[arg(long)]
+    pub debug_events: Option<String>,
+    /// Report the same (process, destination) connect at most once per this
+    /// many milliseconds; 0 reports every connect. Holders are always reported.
+    #[arg(long)]
+    pub connect_dedup_ms: Option<u64>,
+}
+
+/// The config file's shape: the `run` flags.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    #[serde(default)]
+    pub policy: Vec<PathBuf>,
+    pub kubelet_dir: Option<PathBuf>,
+    pub cgroup_root: Option<PathBuf>,
+    pub alerts: Option<String>,
+    pub metrics_addr: Option<SocketAddr>,
+    pub mode: Option<Mode>,
+    #[serde(default)]
+    pub credential_file: Vec<PathBuf>,
+    #[serde(default)]
+    pub deny_cgroup: Vec<PathBuf>,
+    pub debug_events: Option<String>,
+    pub connect_dedup_ms: Option<u64>,
+    pub log_format: Option<LogFormat>,
+}
+
+/// `run` settings after merging flags, config file and defaults.
+#[derive(Clone, Debug)]
+pub struct RunSettings {
+    pub policy: Vec<PathBuf>,
+    pub kubelet_dir: PathBuf,
+    pub cgroup_root: Option<PathBuf>,
+    pub alerts: String,
+    pub metrics_addr: SocketAddr,
+    pub mode: Mode,
+    pub credential_file: Vec<PathBuf>,
+    pub deny_cgroup: Vec<PathBuf>,
+    pub debug_events: Option<String>,
+    pub connect_dedup_ms: u64,
+}
+
+pub const DEFAULT_KUBELET_DIR: &str = "/var/lib/kubelet";
+pub const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:9464";
+
+impl RunArgs {
+    pub fn resolve(self) -> Result<RunSettings> {
+        let file = match &self.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading config file {}", path.display()))?;
+                serde_norway::from_str::<ConfigFile>(&text).map_err(|e| {
+                    let line = e.location().map(|l| l.line()).unwrap_or(0);
+                    anyhow::anyhow!("{}:{}: {}", path.display(), line, e)
+                })?
+            }
+            None => ConfigFile::default(),
+        };
+        let pick_vec = |cli: Vec<PathBuf>, cfg: Vec<PathBuf>| if cli.is_empty() { cfg } else { cli };
+        Ok(RunSettings {
+            policy: pick_vec(self.policy, file.policy),
+            kubelet_dir: self
+                .kubelet_dir
+                .or(file.kubelet_dir)
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_KUBELET_DIR)),
+            cgroup_root: self.cgroup_root.or(file.cgroup_root),
+            alerts: self.alerts.or(file.alerts).unwrap_or_else(|| "-".into()),
+            metrics_addr: self
+                .metrics_addr
+                .or(file.metrics_addr)
+                .unwrap_or_else(|| DEFAULT_METRICS_ADDR.parse().expect("valid default")),
+            mode: self.mode.or(file.mode).unwrap_or_default(),
+            credential_file: pick_vec(self.credential_file, file.credential_file),
+            deny_cgroup: pick_vec(self.deny_cgroup, file.deny_cgroup),
+            debug_events: self.debug_events.or(file.debug_events),
+            connect_dedup_ms: self.connect_dedup_ms.or(file.connect_dedup_ms).unwrap_or(1000),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_override_config_file() {
+        let dir = std::env::temp_dir().join(format!("detector-cli-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let cfg = dir.join("c.yaml");
+        std::fs::write(&cfg, "mode: observe\nalerts: /tmp/a.jsonl\nconnect_dedup_ms: 5\n").unwrap();
+        let args = RunArgs { config: Some(cfg.clone()), alerts: Some("-".into()), ..Default::default() };
+        let s = args.resolve().unwrap();
+        assert_eq!(s.mode, Mode::Observe);
+        assert_eq!(s.alerts, "-");
+        assert_eq!(s.connect_dedup_ms, 5);
+        assert_eq!(s.kubelet_dir, PathBuf::from(DEFAULT_KUBELET_DIR));
+
+        std::fs::write(&cfg, "mode: observe\nbogus: 1\n").unwrap();
+        let err = RunArgs { config: Some(cfg.clone()), ..Default::default() }.resolve().unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.starts_with(&format!("{}:2:", cfg.display())), "{msg}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

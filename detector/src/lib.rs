@@ -1,0 +1,21 @@
+//! detector: eBPF runtime credential-misuse detection for Kubernetes nodes.
+//!
+//! Module map (one responsibility each):
+//! - `btf`, `loader`: kernel offsets from BTF; load, attach and own the programs and maps
+//! - `events`: decode ring-buffer records into typed events
+//! - `inventory`: credential files on the node and their owner pods
+//! - `attribution`: cgroup id -> pod / container
+//! - `policy`: workload intents (YAML) and their validation
+//! - `finding`: the finding contract
+//! - `sinks`: where findings go (JSON lines, webhook, syslog/CEF, OCSF)
+//! - `observe`: Prometheus metrics, /healthz, /readyz
+pub mod attribution;
+pub mod btf;
+pub mod cli;
+pub mod events;
+pub mod finding;
+pub mod inventory;
+pub mod loader;
+pub mod observe;
+pub mod policy;
+pub mod sinks;
