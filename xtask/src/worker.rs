@@ -1,0 +1,164 @@
+//! `xtask bench-worker`: one timed, bounded workload loop in a fresh process
+//! (so no state — e.g. being a credential holder — leaks between workloads).
+//! Prints `ns_per_op=<f64>` on stdout.
+
+use std::{
+    ffi::CString, net::SocketAddrV4, os::unix::ffi::OsStrExt, path::PathBuf, process::ExitCode,
+    time::Instant,
+};
+
+use anyhow::{bail, Context, Result};
+use clap::ValueEnum;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Workload {
+    /// open(O_RDONLY) + close of --path.
+    Open,
+    /// socket + connect + close (RST via SO_LINGER 0) to --addr.
+    Connect,
+    /// fork + execve(/bin/true) + waitpid.
+    Exec,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct WorkerArgs {
+    #[arg(long, value_enum)]
+    pub workload: Workload,
+    #[arg(long)]
+    pub iters: u64,
+    /// File to open (open workload).
+    #[arg(long)]
+    pub path: Option<PathBuf>,
+    /// 127.0.0.1:port to connect to (connect workload).
+    #[arg(long)]
+    pub addr: Option<SocketAddrV4>,
+    /// Open and close this file once before the loop (to become a
+    /// credential holder).
+    #[arg(long)]
+    pub hold: Option<PathBuf>,
+}
+
+fn cstring(p: &std::path::Path) -> Result<CString> {
+    CString::new(p.as_os_str().as_bytes()).context("path contains NUL")
+}
+
+fn open_close(path: &CString) -> Result<()> {
+    // SAFETY: valid NUL-terminated path; fd closed right away.
+    unsafe {
+        let fd = libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC);
+        if fd < 0 {
+            bail!("open {:?}: {}", path, std::io::Error::last_os_error());
+        }
+        libc::close(fd);
+    }
+    Ok(())
+}
+
+fn connect_close(addr: &libc::sockaddr_in) -> Result<()> {
+    // SAFETY: plain socket calls on an fd we own; addr is a valid sockaddr_in.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            bail!("socket: {}", std::io::Error::last_os_error());
+        }
+        // Close with RST: no TIME_WAIT, so bounded loops never exhaust ports.
+        let linger = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            &linger as *const _ as *const libc::c_void,
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
+        let r = libc::connect(
+            fd,
+            addr as *const _ as *const libc::sockaddr,
+            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        );
+        let err = std::io::Error::last_os_error();
+        libc::close(fd);
+        if r != 0 {
+            bail!("connect: {err}");
+        }
+    }
+    Ok(())
+}
+
+struct ExecArgs {
+    path: CString,
+    argv: [*const libc::c_char; 2],
+    envp: [*const libc::c_char; 1],
+}
+
+fn fork_exec(a: &ExecArgs) -> Result<()> {
+    // SAFETY: this worker is single-threaded; the child only calls
+    // async-signal-safe functions (execve, _exit).
+    unsafe {
+        let pid = libc::fork();
+        if pid < 0 {
+            bail!("fork: {}", std::io::Error::last_os_error());
+        }
+        if pid == 0 {
+            libc::execve(a.path.as_ptr(), a.argv.as_ptr(), a.envp.as_ptr());
+            libc::_exit(127);
+        }
+        let mut status = 0;
+        if libc::waitpid(pid, &mut status, 0) != pid {
+            bail!("waitpid: {}", std::io::Error::last_os_error());
+        }
+        if !(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0) {
+            bail!("/bin/true exited with status {status:#x}");
+        }
+    }
+    Ok(())
+}
+
+pub fn worker(args: WorkerArgs) -> Result<ExitCode> {
+    if let Some(h) = &args.hold {
+        open_close(&cstring(h)?)?;
+    }
+    let warmup = (args.iters / 50).max(1);
+    let ns = match args.workload {
+        Workload::Open => {
+            let p = cstring(args.path.as_deref().context("--path is required")?)?;
+            time_loop(warmup, args.iters, || open_close(&p))?
+        }
+        Workload::Connect => {
+            let a = args.addr.context("--addr is required")?;
+            let sa = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: a.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from(*a.ip()).to_be(),
+                },
+                sin_zero: [0; 8],
+            };
+            time_loop(warmup, args.iters, || connect_close(&sa))?
+        }
+        Workload::Exec => {
+            let path = CString::new("/bin/true").expect("no NUL");
+            let ea = ExecArgs {
+                argv: [path.as_ptr(), std::ptr::null()],
+                envp: [std::ptr::null()],
+                path,
+            };
+            time_loop(warmup, args.iters, || fork_exec(&ea))?
+        }
+    };
+    println!("ns_per_op={ns:.1}");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn time_loop(warmup: u64, iters: u64, mut op: impl FnMut() -> Result<()>) -> Result<f64> {
+    for _ in 0..warmup {
+        op()?;
+    }
+    let start = Instant::now();
+    for _ in 0..iters {
+        op()?;
+    }
+    Ok(start.elapsed().as_nanos() as f64 / iters.max(1) as f64)
+}
