@@ -1,10 +1,1023 @@
-//! `cargo xtask bench` (being written).
+//! `cargo xtask bench`: what the kernel sensors cost ordinary syscalls.
+//!
+//! Configurations, measured side by side in one run:
+//! - `none`: nothing of ours attached;
+//! - `detector`: `target/release/detector run` with a credential file, an
+//!   empty kubelet directory, alerts to /dev/null, metrics on loopback; we
+//!   measure once `/readyz` answers 200 (every probe attached);
+//! - `bpftrace`: a classic one-liner on `sys_enter_openat` filtering the
+//!   service-account token path.
+//!
+//! Each workload is a bounded loop in a fresh `xtask bench-worker` process
+//! (so e.g. becoming a credential holder never leaks into the next
+//! workload). Rounds interleave the configurations (rotated order) to cancel
+//! drift on a shared machine; we report medians and ratios vs `none`.
+//! Network traffic is loopback only. Nothing here is a test: no assertion
+//! on timings anywhere.
 
-use anyhow::Result;
+use std::{
+    collections::BTreeSet,
+    fmt::Write as _,
+    fs::File,
+    io::{Read, Write},
+    net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream},
+    os::unix::{io::AsRawFd, process::CommandExt},
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitCode, Stdio},
+    thread::sleep,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+
+use crate::{detector_bin, is_root, repo_root, worker::Workload};
+
+const TOKEN_PATH: &str = "/var/run/secrets/kubernetes.io/serviceaccount/token";
+
+fn bpftrace_program() -> String {
+    format!(
+        r#"tracepoint:syscalls:sys_enter_openat /str(args->filename) == "{TOKEN_PATH}"/ {{ @[comm] = count(); }}"#
+    )
+}
 
 #[derive(Debug, clap::Args)]
-pub struct BenchArgs {}
+pub struct BenchArgs {
+    /// Rounds; each round measures every workload once under every
+    /// configuration, in rotated order.
+    #[arg(long, default_value_t = 6)]
+    rounds: usize,
+    /// Multiply every iteration count (e.g. 0.1 for a quick look).
+    #[arg(long, default_value_t = 1.0)]
+    scale: f64,
+    /// Don't run setup and `cargo build --release -p detector` first.
+    #[arg(long)]
+    no_build: bool,
+    /// Where to write the report [default: docs/BENCHMARKS.md]; an SVG
+    /// chart goes next to it with the extension .svg.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Only print the results; don't write the report.
+    #[arg(long)]
+    no_write: bool,
+    /// The detector binary [default: target/release/detector].
+    #[arg(long)]
+    detector: Option<PathBuf>,
+    /// Seconds to wait for the detector's /readyz.
+    #[arg(long, default_value_t = 180)]
+    ready_timeout: u64,
+}
 
-pub fn bench(_args: BenchArgs) -> Result<std::process::ExitCode> {
-    anyhow::bail!("bench: not implemented yet")
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Config {
+    None,
+    Detector,
+    Bpftrace,
+}
+
+impl Config {
+    const ALL: [Config; 3] = [Config::None, Config::Detector, Config::Bpftrace];
+    fn name(self) -> &'static str {
+        match self {
+            Config::None => "none",
+            Config::Detector => "detector",
+            Config::Bpftrace => "bpftrace",
+        }
+    }
+}
+
+struct Case {
+    label: &'static str,
+    short: &'static str,
+    workload: Workload,
+    iters: u64,
+    /// Open the credential file (not the ordinary one).
+    credential: bool,
+    /// Open the credential file once before the loop.
+    hold: bool,
+}
+
+const CASES: &[Case] = &[
+    Case {
+        label: "(a) open+close, ordinary file (tmpfs)",
+        short: "open ordinary",
+        workload: Workload::Open,
+        iters: 200_000,
+        credential: false,
+        hold: false,
+    },
+    Case {
+        label: "(b) open+close, credential file (tmpfs, `--credential-file`)",
+        short: "open credential",
+        workload: Workload::Open,
+        iters: 200_000,
+        credential: true,
+        hold: false,
+    },
+    Case {
+        label: "(c) TCP socket+connect+close to 127.0.0.1",
+        short: "connect",
+        workload: Workload::Connect,
+        iters: 20_000,
+        credential: false,
+        hold: false,
+    },
+    Case {
+        label: "(c') same, by a credential holder (opened the credential file once first)",
+        short: "connect (holder)",
+        workload: Workload::Connect,
+        iters: 20_000,
+        credential: false,
+        hold: true,
+    },
+    Case {
+        label: "(d) fork+execve(/bin/true)+waitpid",
+        short: "fork+exec",
+        workload: Workload::Exec,
+        iters: 2_000,
+        credential: false,
+        hold: false,
+    },
+];
+
+/// Kills (SIGKILL) and reaps a child on drop unless it was stopped.
+struct Guard {
+    child: Option<Child>,
+    name: &'static str,
+}
+
+impl Guard {
+    fn spawn(mut cmd: Command, name: &'static str) -> Result<Guard> {
+        // If the bench dies, its children (which may hold kernel probes)
+        // get SIGTERM from the kernel.
+        // SAFETY: prctl is async-signal-safe.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().with_context(|| format!("starting {name}"))?;
+        Ok(Guard {
+            child: Some(child),
+            name,
+        })
+    }
+    fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+    fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
+    }
+    /// Sends `sig`, waits up to `timeout`, then SIGKILL. Returns how it ended.
+    fn stop(&mut self, sig: i32, timeout: Duration) -> String {
+        let Some(mut child) = self.child.take() else {
+            return "not running".into();
+        };
+        if let Ok(Some(st)) = child.try_wait() {
+            return format!("had already exited ({st})");
+        }
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(child.id() as i32, sig) };
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(st)) = child.try_wait() {
+                return format!("{st}");
+            }
+            sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        format!(
+            "did not exit within {}s of signal {sig}; killed",
+            timeout.as_secs()
+        )
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            eprintln!("bench: killing {} (pid {})", self.name, c.id());
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A temporary directory, removed on drop.
+struct TempDir(PathBuf);
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+struct Env {
+    dir: PathBuf,
+    plain: PathBuf,
+    cred: PathBuf,
+    kubelet: PathBuf,
+    listen: SocketAddrV4,
+    worker: PathBuf,
+    detector: PathBuf,
+}
+
+/// Loopback listener in this process: accepts and drops connections.
+fn start_listener() -> Result<SocketAddrV4> {
+    let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("binding 127.0.0.1:0")?;
+    // A deep accept queue, so a burst never drops a SYN (a 1 s retransmit
+    // would dwarf what we measure). Re-calling listen() updates the backlog.
+    // SAFETY: valid listening socket fd.
+    unsafe { libc::listen(l.as_raw_fd(), 4096) };
+    let addr = match l.local_addr()? {
+        std::net::SocketAddr::V4(a) => a,
+        a => bail!("unexpected listener address {a}"),
+    };
+    std::thread::Builder::new()
+        .name("bench-accept".into())
+        .spawn(move || loop {
+            if let Ok((s, _)) = l.accept() {
+                drop(s);
+            }
+        })?;
+    Ok(addr)
+}
+
+fn run_case(env: &Env, case: &Case, scale: f64) -> Result<f64> {
+    let iters = ((case.iters as f64 * scale).round() as u64).max(1);
+    let mut cmd = Command::new(&env.worker);
+    cmd.arg("bench-worker")
+        .args(["--workload", &format!("{:?}", case.workload).to_lowercase()])
+        .args(["--iters", &iters.to_string()]);
+    match case.workload {
+        Workload::Open => {
+            cmd.arg("--path").arg(if case.credential {
+                &env.cred
+            } else {
+                &env.plain
+            });
+        }
+        Workload::Connect => {
+            cmd.args(["--addr", &env.listen.to_string()]);
+        }
+        Workload::Exec => {}
+    }
+    if case.hold {
+        cmd.arg("--hold").arg(&env.cred);
+    }
+    let out = cmd
+        .stderr(Stdio::inherit())
+        .output()
+        .context("running bench-worker")?;
+    if !out.status.success() {
+        bail!("bench-worker {} failed: {}", case.short, out.status);
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find_map(|l| l.strip_prefix("ns_per_op="))
+        .and_then(|v| v.trim().parse().ok())
+        .with_context(|| format!("bench-worker printed no result: {text:?}"))
+}
+
+fn http_get(port: u16, path: &str) -> Result<(u16, String)> {
+    let mut s =
+        TcpStream::connect_timeout(&(Ipv4Addr::LOCALHOST, port).into(), Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf)?;
+    let code = buf
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .context("malformed HTTP response")?;
+    let body = buf
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((code, body))
+}
+
+fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?
+        .local_addr()?
+        .port())
+}
+
+fn tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let v: Vec<&str> = text.lines().collect();
+    v[v.len().saturating_sub(lines)..].join("\n")
+}
+
+/// A running configuration, stopped by `finish`.
+enum Session {
+    None,
+    Detector {
+        guard: Guard,
+        port: u16,
+        log: PathBuf,
+        ready_after: Duration,
+        cpu_at_ready: Option<f64>,
+    },
+    Bpftrace {
+        guard: Guard,
+        out: PathBuf,
+        sentinel: String,
+    },
+}
+
+struct SessionResult {
+    note: String,
+    /// Detector: CPU seconds (user+sys) it used between ready and stop.
+    cpu_s: Option<f64>,
+    /// Metric lines scraped from the detector right before stopping it.
+    metrics: Vec<String>,
+    /// bpftrace: the probe fired for a sentinel open made before measuring.
+    verified: bool,
+}
+
+fn start(cfg: Config, env: &Env, round: usize, ready_timeout: Duration) -> Result<Session> {
+    match cfg {
+        Config::None => Ok(Session::None),
+        Config::Detector => {
+            let port = free_port()?;
+            let log = env.dir.join(format!("detector-{round}.log"));
+            let logf = File::create(&log)?;
+            let mut cmd = Command::new(&env.detector);
+            cmd.arg("run")
+                .arg("--credential-file")
+                .arg(&env.cred)
+                .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
+                .arg("--kubelet-dir")
+                .arg(&env.kubelet)
+                .args(["--alerts", "/dev/null"])
+                .stdin(Stdio::null())
+                .stdout(logf.try_clone()?)
+                .stderr(logf);
+            let t0 = Instant::now();
+            let mut guard = Guard::spawn(cmd, "detector")?;
+            loop {
+                if let Some(st) = guard.exited() {
+                    bail!(
+                        "detector exited before /readyz ({st}); log tail:\n{}",
+                        tail(&log, 30)
+                    );
+                }
+                if let Ok((200, _)) = http_get(port, "/readyz") {
+                    break;
+                }
+                if t0.elapsed() > ready_timeout {
+                    guard.stop(libc::SIGTERM, Duration::from_secs(10));
+                    bail!(
+                        "detector not ready after {}s; log tail:\n{}",
+                        ready_timeout.as_secs(),
+                        tail(&log, 30)
+                    );
+                }
+                sleep(Duration::from_millis(100));
+            }
+            let cpu_at_ready = cpu_seconds(guard.pid());
+            Ok(Session::Detector {
+                cpu_at_ready,
+                guard,
+                port,
+                log,
+                ready_after: t0.elapsed(),
+            })
+        }
+        Config::Bpftrace => {
+            let out = env.dir.join(format!("bpftrace-{round}.out"));
+            let f = File::create(&out)?;
+            let mut cmd = Command::new("bpftrace");
+            cmd.args(["-e", &bpftrace_program()])
+                .stdin(Stdio::null())
+                .stdout(f.try_clone()?)
+                .stderr(f);
+            let t0 = Instant::now();
+            let mut guard = Guard::spawn(cmd, "bpftrace")?;
+            loop {
+                if let Some(st) = guard.exited() {
+                    bail!("bpftrace exited ({st}):\n{}", tail(&out, 30));
+                }
+                if std::fs::read_to_string(&out)
+                    .unwrap_or_default()
+                    .contains("Attaching")
+                {
+                    break;
+                }
+                if t0.elapsed() > Duration::from_secs(120) {
+                    bail!("bpftrace did not attach within 120 s:\n{}", tail(&out, 30));
+                }
+                sleep(Duration::from_millis(50));
+            }
+            sleep(Duration::from_millis(500));
+            // A sentinel open of the token path from a thread with a unique
+            // comm: if bpftrace's map counts it, the probe was attached
+            // before we measured.
+            let sentinel = format!("btpre{round}");
+            sentinel_open(&sentinel);
+            Ok(Session::Bpftrace {
+                guard,
+                out,
+                sentinel,
+            })
+        }
+    }
+}
+
+fn sentinel_open(comm: &str) {
+    let _ = std::thread::Builder::new()
+        .name(comm.to_string())
+        .spawn(|| {
+            let _ = File::open(TOKEN_PATH);
+        })
+        .map(|h| h.join());
+}
+
+fn finish(session: Session) -> SessionResult {
+    match session {
+        Session::None => SessionResult {
+            note: String::new(),
+            cpu_s: None,
+            metrics: vec![],
+            verified: true,
+        },
+        Session::Detector {
+            mut guard,
+            port,
+            log,
+            ready_after,
+            cpu_at_ready,
+        } => {
+            let metrics = match http_get(port, "/metrics") {
+                Ok((200, body)) => body
+                    .lines()
+                    .filter(|l| {
+                        !l.starts_with('#')
+                            && [
+                                "detector_events_total",
+                                "detector_events_lost_total",
+                                "detector_findings_total",
+                                "detector_credential_reads",
+                                "detector_probes_attached",
+                                "detector_decode_errors",
+                            ]
+                            .iter()
+                            .any(|p| l.starts_with(p))
+                    })
+                    .map(str::to_string)
+                    .collect(),
+                Ok((code, _)) => vec![format!("/metrics answered {code}")],
+                Err(e) => vec![format!("/metrics failed: {e:#}")],
+            };
+            let pid = guard.pid();
+            let cpu_s = cpu_seconds(pid).zip(cpu_at_ready).map(|(b, a)| b - a);
+            let how = guard.stop(libc::SIGTERM, Duration::from_secs(30));
+            let note =
+                format!(
+                "detector pid {pid}: ready after {:.1}s; CPU while measured {}; SIGTERM -> {how}",
+                ready_after.as_secs_f64(),
+                cpu_s.map(|c| format!("{c:.2}s")).unwrap_or_else(|| "?".into())
+            );
+            if !how.contains("exit status: 0") {
+                eprintln!("bench: {note}; log tail:\n{}", tail(&log, 20));
+            }
+            SessionResult {
+                note,
+                cpu_s,
+                metrics,
+                verified: true,
+            }
+        }
+        Session::Bpftrace {
+            mut guard,
+            out,
+            sentinel,
+        } => {
+            let how = guard.stop(libc::SIGINT, Duration::from_secs(30));
+            let text = std::fs::read_to_string(&out).unwrap_or_default();
+            let verified = text.contains(&format!("@[{sentinel}]"));
+            SessionResult {
+                cpu_s: None,
+                note: format!("bpftrace: SIGINT -> {how}"),
+                metrics: vec![],
+                verified,
+            }
+        }
+    }
+}
+
+/// Other processes that may have BPF programs attached (other engineers'
+/// detectors or tracers on this shared machine).
+fn other_tracers(ours: &[u32]) -> BTreeSet<String> {
+    let mut found = BTreeSet::new();
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return found;
+    };
+    for e in rd.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if ours.contains(&pid) {
+            continue;
+        }
+        let comm = std::fs::read_to_string(e.path().join("comm")).unwrap_or_default();
+        let comm = comm.trim();
+        if matches!(
+            comm,
+            "detector" | "bpftrace" | "bpftool" | "tetragon" | "falco"
+        ) {
+            found.insert(format!("{comm}[{pid}]"));
+        }
+    }
+    found
+}
+
+/// CPU seconds (user + system) a process has used so far.
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // After the comm: state is field 3, utime 14 and stime 15 (1-based).
+    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    (hz > 0.0).then(|| ticks / hz)
+}
+
+fn cmd_out(prog: &str, args: &[&str]) -> String {
+    Command::new(prog)
+        .args(args)
+        .current_dir(repo_root())
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|| "?".into())
+}
+
+/// Median of the finite values (NaN marks a missing sample).
+fn median(v: &[f64]) -> f64 {
+    let mut s: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
+    s.sort_by(|a, b| a.total_cmp(b));
+    let n = s.len();
+    if n == 0 {
+        f64::NAN
+    } else if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        (s[n / 2 - 1] + s[n / 2]) / 2.0
+    }
+}
+
+fn fmt_ns(ns: f64) -> String {
+    if ns >= 100_000.0 {
+        format!("{:.0} µs", ns / 1000.0)
+    } else if ns >= 10_000.0 {
+        format!("{:.1} µs", ns / 1000.0)
+    } else {
+        format!("{ns:.0} ns")
+    }
+}
+
+#[allow(clippy::needless_range_loop)]
+pub fn bench(args: BenchArgs) -> Result<ExitCode> {
+    if !is_root() {
+        bail!("bench attaches eBPF programs (detector, bpftrace) and must run as root");
+    }
+    if args.rounds == 0 || args.scale.is_nan() || args.scale <= 0.0 {
+        bail!("--rounds must be >= 1 and --scale > 0");
+    }
+    if !args.no_build {
+        crate::setup::setup()?;
+        println!("xtask: cargo build --release -p detector");
+        crate::run_checked(Command::new("cargo").args(["build", "--release", "-p", "detector"]))?;
+    }
+    let bin = args.detector.clone().unwrap_or_else(detector_bin);
+    if !bin.exists() {
+        bail!("{} does not exist; run `cargo xtask build`", bin.display());
+    }
+
+    // Files on tmpfs, so (a) and (b) differ only in being a credential.
+    let base = if Path::new("/dev/shm").is_dir() {
+        PathBuf::from("/dev/shm")
+    } else {
+        std::env::temp_dir()
+    };
+    let dir = base.join(format!("detector-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let _cleanup = TempDir(dir.clone());
+    let plain = dir.join("ordinary-file");
+    let cred = dir.join("token");
+    let kubelet = dir.join("kubelet-empty");
+    std::fs::write(&plain, "bench: an ordinary file\n")?;
+    std::fs::write(&cred, "bench-placeholder-not-a-real-token\n")?;
+    std::fs::create_dir_all(&kubelet)?;
+    let env = Env {
+        dir: dir.clone(),
+        plain,
+        cred,
+        kubelet,
+        listen: start_listener()?,
+        worker: std::env::current_exe().context("current_exe")?,
+        detector: bin,
+    };
+
+    let started = cmd_out("date", &["-u", "+%Y-%m-%d %H:%M UTC"]);
+    let load_before = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let ready_timeout = Duration::from_secs(args.ready_timeout);
+    let ncases = CASES.len();
+    // samples[config][case][round]; NaN = none (discarded round)
+    let mut samples = vec![vec![vec![f64::NAN; args.rounds]; ncases]; Config::ALL.len()];
+    // detector CPU seconds / wall seconds of the workloads, per session
+    let mut det_cpu = Vec::new();
+    let mut notes = Vec::new();
+    let mut last_metrics = Vec::new();
+    let mut others = BTreeSet::new();
+    let mut bt_verified = 0usize;
+    let mut bt_rounds = 0usize;
+    let t_all = Instant::now();
+
+    for round in 0..args.rounds {
+        let mut order = Config::ALL.to_vec();
+        order.rotate_left(round % Config::ALL.len());
+        for cfg in order {
+            let session = start(cfg, &env, round, ready_timeout)?;
+            let ours: Vec<u32> = match &session {
+                Session::Detector { guard, .. } | Session::Bpftrace { guard, .. } => {
+                    vec![guard.pid()]
+                }
+                Session::None => vec![],
+            };
+            others.extend(other_tracers(&ours));
+            let mut this = vec![f64::NAN; ncases];
+            let t_work = Instant::now();
+            for k in 0..ncases {
+                let i = (k + round) % ncases;
+                this[i] = match run_case(&env, &CASES[i], args.scale) {
+                    Ok(v) => v,
+                    Err(e) => {
+                        finish(session);
+                        return Err(e);
+                    }
+                };
+            }
+            let wall = t_work.elapsed().as_secs_f64();
+            let res = finish(session);
+            if let Some(c) = res.cpu_s {
+                det_cpu.push((c, wall));
+            }
+            if cfg == Config::Bpftrace {
+                bt_rounds += 1;
+                if res.verified {
+                    bt_verified += 1;
+                } else {
+                    eprintln!("bench: round {round}: bpftrace sentinel not counted; discarding its samples");
+                }
+            }
+            if res.verified {
+                for (i, v) in this.iter().enumerate() {
+                    samples[cfg as usize][i][round] = *v;
+                }
+            }
+            if cfg == Config::Detector {
+                last_metrics = res.metrics;
+            }
+            if !res.note.is_empty() {
+                notes.push(format!("round {round}: {}", res.note));
+            }
+            println!(
+                "bench: round {}/{} {:<8} {}",
+                round + 1,
+                args.rounds,
+                cfg.name(),
+                this.iter()
+                    .zip(CASES)
+                    .map(|(v, c)| format!("{}={}", c.short, fmt_ns(*v)))
+                    .collect::<Vec<_>>()
+                    .join("  ")
+            );
+        }
+    }
+    let load_after = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let elapsed = t_all.elapsed();
+
+    // ---- report
+    let med: Vec<Vec<f64>> = samples
+        .iter()
+        .map(|c| c.iter().map(|s| median(s)).collect())
+        .collect();
+    // ratio[config][case]: median over rounds of (config / none of the same
+    // round), so slow drift of the machine cancels out.
+    let ratio: Vec<Vec<f64>> = Config::ALL
+        .iter()
+        .map(|c| {
+            (0..ncases)
+                .map(|i| {
+                    let pairs: Vec<f64> = (0..args.rounds)
+                        .map(|r| samples[*c as usize][i][r] / samples[Config::None as usize][i][r])
+                        .collect();
+                    median(&pairs)
+                })
+                .collect()
+        })
+        .collect();
+    let mut table = String::new();
+    table.push_str("| Workload | iterations | none | detector | bpftrace one-liner |\n");
+    table.push_str("|---|---:|---:|---:|---:|\n");
+    for (i, case) in CASES.iter().enumerate() {
+        let iters = ((case.iters as f64 * args.scale).round() as u64).max(1);
+        let none = med[Config::None as usize][i];
+        let cell = |c: Config| {
+            let m = med[c as usize][i];
+            if m.is_nan() {
+                "n/a".to_string()
+            } else {
+                format!("{} (**{:.2}×**)", fmt_ns(m), ratio[c as usize][i])
+            }
+        };
+        let _ = writeln!(
+            table,
+            "| {} | {} | {} | {} | {} |",
+            case.label,
+            iters,
+            fmt_ns(none),
+            cell(Config::Detector),
+            cell(Config::Bpftrace)
+        );
+    }
+    let mut raw = String::new();
+    for (ci, cfg) in Config::ALL.iter().enumerate() {
+        for (i, case) in CASES.iter().enumerate() {
+            let s = &samples[ci][i];
+            let _ = writeln!(
+                raw,
+                "{:<9} {:<17} {}",
+                cfg.name(),
+                case.short,
+                s.iter()
+                    .map(|v| if v.is_nan() {
+                        "-".to_string()
+                    } else {
+                        format!("{v:.0}")
+                    })
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            );
+        }
+    }
+
+    let det_cpu_line = if det_cpu.is_empty() {
+        String::new()
+    } else {
+        let pct: Vec<f64> = det_cpu.iter().map(|(c, w)| 100.0 * c / w).collect();
+        format!(
+            "CPU used by the detector process itself (user+sys) while the workloads ran: median {:.1} % of \
+             one CPU (per round: {}). It runs beside the workload on this 2-CPU machine, so it is not all \
+             visible in the times above.\n",
+            median(&pct),
+            det_cpu
+                .iter()
+                .map(|(c, w)| format!("{c:.2} s in {w:.1} s"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    };
+    println!("\n{table}\n{det_cpu_line}");
+    let kernel = cmd_out("uname", &["-r"]);
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .map(|r| r.trim_start_matches([' ', '\t', ':']).to_string())
+        })
+        .unwrap_or_else(|| "?".into());
+    let ncpu = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let commit = cmd_out("git", &["rev-parse", "--short", "HEAD"]);
+    let dirty = cmd_out(
+        "git",
+        &[
+            "status",
+            "--porcelain",
+            "--untracked-files=no",
+            "--",
+            "detector",
+            "detector-ebpf",
+            "detector-common",
+        ],
+    );
+    let bt_version = cmd_out("bpftrace", &["--version"]);
+    let others_s = if others.is_empty() {
+        "none seen".to_string()
+    } else {
+        others.iter().cloned().collect::<Vec<_>>().join(", ")
+    };
+
+    let mut md = String::new();
+    let _ = write!(
+        md,
+        r#"# Benchmarks: cost of the kernel sensors
+
+Generated by `cargo xtask bench` — do not edit by hand; re-run it instead.
+
+- Date: {started}; {rounds} rounds, total {secs:.0} s
+- Commit: `{commit}`{dirty_note}
+- Kernel {kernel}; {cpu}; {ncpu} CPUs (shared with other work; nothing pinned)
+- Load average before / after: {lb} / {la}
+- Other tracers/detectors running during the run (not ours): {others_s}
+- bpftrace: {bt_version}; attachment verified in {bt_verified}/{bt_rounds} rounds
+
+## Results
+
+Median time per operation over the rounds; in parentheses the ratio to `none` (1.00× = no overhead),
+computed as the median over rounds of (this configuration / `none` in the same round).
+
+{table}
+{det_cpu_line}
+
+## Method
+
+- **Workloads** — each a bounded loop in a fresh process (`xtask bench-worker`, a debug build; the loop
+  body is direct libc calls, so its own cost is the syscalls), with a short warm-up (2 % of the
+  iterations) before the timed loop:
+  - (a) `open(O_RDONLY)` + `close` of an ordinary file on tmpfs (`/dev/shm`);
+  - (b) the same on a file in the same directory passed to the daemon with `--credential-file`;
+  - (c) `socket` + `connect` + `close` to a listener on 127.0.0.1 inside the bench process (the client
+    closes with `SO_LINGER` 0, so no TIME_WAIT accumulates); (c') the same from a process that opened
+    the credential file once before the loop, i.e. a credential *holder* for the detector;
+  - (d) `fork` + `execve("/bin/true")` + `waitpid`.
+- **Configurations**:
+  - `none` — nothing of ours attached;
+  - `detector` — `target/release/detector run --credential-file <file> --metrics-addr 127.0.0.1:<port>
+    --kubelet-dir <empty dir> --alerts /dev/null` (default mode, no intents), measured once `/readyz`
+    answers 200, stopped with SIGTERM after the round's workloads;
+  - `bpftrace` — `bpftrace -e '{bt_prog}'`, measured once it printed `Attaching 1 probe...` plus 0.5 s;
+    a sentinel open of the token path from a thread with a unique name must appear in its map at exit,
+    else that round's bpftrace samples are discarded.
+- **Interleaving** — each round runs every configuration once, in an order rotated every round, and the
+  workloads in a rotated order; each (configuration, workload) gets one sample per round. Reported:
+  median per cell; ratio = median / median of `none`.
+- The machine is shared (other builds and tests may run at the same time), so single runs are noisy;
+  compare ratios, look at the raw samples below, and re-run when in doubt.
+- Benchmarks are not tests: nothing in `cargo xtask test` asserts timings.
+
+## Raw samples (ns/op, in round order)
+
+```
+{raw}```
+
+## Detector metrics at the end of its last session
+
+```
+{metrics}
+```
+
+## Session log
+
+```
+{notes}
+```
+"#,
+        rounds = args.rounds,
+        secs = elapsed.as_secs_f64(),
+        dirty_note = if dirty.is_empty() || dirty == "?" {
+            String::new()
+        } else {
+            " (detector sources had uncommitted changes in the working tree)".to_string()
+        },
+        lb = load_before
+            .split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" "),
+        la = load_after
+            .split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" "),
+        bt_prog = bpftrace_program(),
+        det_cpu_line = det_cpu_line,
+        metrics = if last_metrics.is_empty() {
+            "(none scraped)".to_string()
+        } else {
+            last_metrics.join("\n")
+        },
+        notes = notes.join("\n"),
+    );
+
+    if !args.no_write {
+        let out = args
+            .out
+            .clone()
+            .unwrap_or_else(|| repo_root().join("docs/BENCHMARKS.md"));
+        if let Some(p) = out.parent() {
+            std::fs::create_dir_all(p)?;
+        }
+        let svg_path = out.with_extension("svg");
+        std::fs::write(&svg_path, svg_chart(&ratio))?;
+        let name = svg_path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        md = md.replacen(
+            "## Method",
+            &format!("![overhead ratio vs none]({name})\n\n## Method"),
+            1,
+        );
+        std::fs::write(&out, &md).with_context(|| format!("writing {}", out.display()))?;
+        println!("bench: wrote {} and {}", out.display(), svg_path.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A small horizontal bar chart of the ratios vs `none` (hand-written SVG,
+/// no plotting dependency).
+fn svg_chart(ratio: &[Vec<f64>]) -> String {
+    let shown = [Config::Detector, Config::Bpftrace];
+    let colors = ["#d95f02", "#7570b3"];
+    let ratios: Vec<Vec<f64>> = shown.iter().map(|c| ratio[*c as usize].clone()).collect();
+    let max = ratios
+        .iter()
+        .flatten()
+        .copied()
+        .filter(|r| r.is_finite())
+        .fold(1.0f64, f64::max);
+    let xmax = (max * 1.1).max(1.2);
+    let (left, width, bar, gap) = (230.0, 440.0, 14.0, 14.0);
+    let group = bar * shown.len() as f64 + gap;
+    let height = 50.0 + group * CASES.len() as f64 + 30.0;
+    let x = |r: f64| left + width * r / xmax;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{height}" font-family="sans-serif" font-size="12">"#,
+        w = left + width + 70.0
+    );
+    let _ = writeln!(s, r#"<rect width="100%" height="100%" fill="white"/>"#);
+    let _ = writeln!(
+        s,
+        r#"<text x="10" y="20" font-size="14">Time per operation relative to no sensor (1.0 = no overhead)</text>"#
+    );
+    for (k, c) in shown.iter().enumerate() {
+        let lx = left + k as f64 * 120.0;
+        let _ = writeln!(
+            s,
+            r#"<rect x="{lx}" y="30" width="12" height="12" fill="{}"/><text x="{}" y="40">{}</text>"#,
+            colors[k],
+            lx + 16.0,
+            c.name()
+        );
+    }
+    for (i, case) in CASES.iter().enumerate() {
+        let y0 = 50.0 + group * i as f64;
+        let _ = writeln!(
+            s,
+            r#"<text x="{}" y="{}" text-anchor="end">{}</text>"#,
+            left - 6.0,
+            y0 + bar + 4.0,
+            case.short
+        );
+        for (k, r) in ratios.iter().map(|v| v[i]).enumerate() {
+            if !r.is_finite() {
+                continue;
+            }
+            let y = y0 + bar * k as f64;
+            let _ = writeln!(
+                s,
+                r#"<rect x="{left}" y="{y}" width="{:.1}" height="{}" fill="{}"/><text x="{:.1}" y="{:.1}">{r:.2}×</text>"#,
+                (x(r) - left).max(0.5),
+                bar - 2.0,
+                colors[k],
+                x(r) + 4.0,
+                y + bar - 4.0
+            );
+        }
+    }
+    let bottom = 50.0 + group * CASES.len() as f64;
+    let _ = writeln!(
+        s,
+        r##"<line x1="{0:.1}" x2="{0:.1}" y1="45" y2="{bottom}" stroke="#333" stroke-dasharray="4 3"/>"##,
+        x(1.0)
+    );
+    let _ = writeln!(
+        s,
+        r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">1.0</text>"#,
+        x(1.0),
+        bottom + 15.0
+    );
+    let _ = writeln!(
+        s,
+        r#"<line x1="{left}" x2="{left}" y1="45" y2="{bottom}" stroke="black"/>"#
+    );
+    s.push_str("</svg>\n");
+    s
 }
