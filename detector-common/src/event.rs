@@ -16,18 +16,22 @@ pub enum EventKind {
     Fork = 3,
     Exit = 4,
     Connect = 5,
+    CgroupMkdir = 6,
+    CgroupRmdir = 7,
 }
 
 /// Number of slots in per-kind counter arrays (index = `EventKind as u32`).
 pub const EVENT_KINDS: u32 = 8;
 
 impl EventKind {
-    pub const ALL: [EventKind; 5] = [
+    pub const ALL: [EventKind; 7] = [
         EventKind::CredentialAccess,
         EventKind::Exec,
         EventKind::Fork,
         EventKind::Exit,
         EventKind::Connect,
+        EventKind::CgroupMkdir,
+        EventKind::CgroupRmdir,
     ];
 
     pub fn from_u16(v: u16) -> Option<Self> {
@@ -37,6 +41,8 @@ impl EventKind {
             3 => Self::Fork,
             4 => Self::Exit,
             5 => Self::Connect,
+            6 => Self::CgroupMkdir,
+            7 => Self::CgroupRmdir,
             _ => return None,
         })
     }
@@ -48,6 +54,8 @@ impl EventKind {
             Self::Fork => "fork",
             Self::Exit => "exit",
             Self::Connect => "connect",
+            Self::CgroupMkdir => "cgroup_mkdir",
+            Self::CgroupRmdir => "cgroup_rmdir",
         }
     }
 }
@@ -220,6 +228,24 @@ pub struct ConnectEvent {
     pub comm: [u8; COMM_LEN],
 }
 
+/// A cgroup directory was created or removed (kind CgroupMkdir/CgroupRmdir).
+/// Lets userspace name a cgroup that is already gone when its events arrive.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct CgroupEvent {
+    pub header: EventHeader,
+    /// The cgroup's id (its cgroup-v2 directory inode for the v2 hierarchy).
+    pub id: u64,
+    /// Hierarchy id: 0 is the cgroup-v2 (default) hierarchy.
+    pub root: i32,
+    pub level: i32,
+    /// Bytes copied into `path`, including the NUL; 0 if unreadable.
+    pub path_len: u32,
+    pub _pad: u32,
+    /// Path relative to the hierarchy root, e.g. `/kubepods/besteffort/pod…/…`.
+    pub path: [u8; FILENAME_LEN],
+}
+
 /// Returns the bytes of a NUL-terminated kernel string up to the NUL.
 pub fn c_str_bytes(buf: &[u8]) -> &[u8] {
     match buf.iter().position(|&b| b == 0) {
@@ -237,4 +263,5 @@ mod pod {
     unsafe impl aya::Pod for ForkEvent {}
     unsafe impl aya::Pod for ExitEvent {}
     unsafe impl aya::Pod for ConnectEvent {}
+    unsafe impl aya::Pod for CgroupEvent {}
 }

@@ -27,7 +27,7 @@ use aya_ebpf::{
     programs::{RawTracePointContext, SockAddrContext, TracePointContext},
 };
 use detector_common::{
-    decide, v4_mapped, AccessRoute, AllowKey4, AllowKey6, AllowPorts, CgroupPolicy, ConnectEvent,
+    decide, v4_mapped, AccessRoute, AllowKey4, AllowKey6, AllowPorts, CgroupEvent, CgroupPolicy, ConnectEvent,
     ConnectSeenKey, CredentialAccessEvent, CredentialInfo, CredentialKey, DecisionInput, DenyRule,
     EgressHook, EventHeader, EventKind, ExecEvent, ExitEvent, ForkEvent, Holder, KernelOffsets,
     PolicyAction, ProgramConfig, Verdict, AF_INET, AF_INET6, COMM_LEN, EVENT_KINDS, FILENAME_LEN,
@@ -357,6 +357,54 @@ pub fn sched_process_exit(_ctx: RawTracePointContext) -> i32 {
     entry.submit(submit_flags(false));
     bump(&EMITTED, EventKind::Exit);
     0
+}
+
+/// tracepoint cgroup/cgroup_mkdir|rmdir: root@8, level@12, id@16, path@24.
+#[inline(always)]
+fn on_cgroup(ctx: &TracePointContext, kind: EventKind) -> u32 {
+    if config().enabled == 0 {
+        return 0;
+    }
+    let root: i32 = unsafe { ctx.read_at(8) }.unwrap_or(-1);
+    if root != 0 {
+        return 0; // cgroup-v1 hierarchies: ids there are not what events carry
+    }
+    let Some(mut entry) = EVENTS.reserve::<CgroupEvent>(0) else {
+        bump(&LOST, kind);
+        return 0;
+    };
+    let ev = entry.as_mut_ptr();
+    unsafe {
+        addr_of_mut!((*ev).header).write(header(kind));
+        addr_of_mut!((*ev).id).write(ctx.read_at::<u64>(16).unwrap_or(0));
+        addr_of_mut!((*ev).root).write(root);
+        addr_of_mut!((*ev).level).write(ctx.read_at::<i32>(12).unwrap_or(0));
+        addr_of_mut!((*ev)._pad).write(0);
+        let loc: u32 = ctx.read_at(24).unwrap_or(0);
+        let path = &mut *addr_of_mut!((*ev).path);
+        let src = (ctx.as_ptr() as *const u8).wrapping_add((loc & 0xffff) as usize);
+        let len = match bpf_probe_read_kernel_str_bytes(src, path) {
+            Ok(s) => s.len() as u32 + 1,
+            Err(_) => {
+                path[0] = 0;
+                0
+            }
+        };
+        addr_of_mut!((*ev).path_len).write(len);
+    }
+    entry.submit(submit_flags(false));
+    bump(&EMITTED, kind);
+    0
+}
+
+#[tracepoint]
+pub fn cgroup_mkdir(ctx: TracePointContext) -> u32 {
+    on_cgroup(&ctx, EventKind::CgroupMkdir)
+}
+
+#[tracepoint]
+pub fn cgroup_rmdir(ctx: TracePointContext) -> u32 {
+    on_cgroup(&ctx, EventKind::CgroupRmdir)
 }
 
 // ---- egress -----------------------------------------------------------------

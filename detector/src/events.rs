@@ -83,6 +83,18 @@ pub struct Exit {
     pub holder_credential: u32,
 }
 
+/// A cgroup-v2 directory was created or removed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Cgroup {
+    #[serde(flatten)]
+    pub common: Common,
+    /// The cgroup's id (inode of its cgroup-v2 directory).
+    pub id: u64,
+    pub level: i32,
+    /// Path relative to the cgroup-v2 root.
+    pub path: String,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Protocol {
@@ -126,6 +138,8 @@ pub enum Event {
     Fork(Fork),
     Exit(Exit),
     Connect(Connect),
+    CgroupMkdir(Cgroup),
+    CgroupRmdir(Cgroup),
 }
 
 impl Event {
@@ -136,6 +150,7 @@ impl Event {
             Event::Fork(e) => &e.common,
             Event::Exit(e) => &e.common,
             Event::Connect(e) => &e.common,
+            Event::CgroupMkdir(e) | Event::CgroupRmdir(e) => &e.common,
         }
     }
 
@@ -146,6 +161,8 @@ impl Event {
             Event::Fork(_) => EventKind::Fork,
             Event::Exit(_) => EventKind::Exit,
             Event::Connect(_) => EventKind::Connect,
+            Event::CgroupMkdir(_) => EventKind::CgroupMkdir,
+            Event::CgroupRmdir(_) => EventKind::CgroupRmdir,
         }
     }
 }
@@ -221,6 +238,16 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
         EventKind::Exit => {
             let e: common::ExitEvent = read_exact(bytes, kind.name())?;
             Event::Exit(Exit { common: common(&e.header), holder_credential: e.holder_credential })
+        }
+        EventKind::CgroupMkdir | EventKind::CgroupRmdir => {
+            let e: common::CgroupEvent = read_exact(bytes, kind.name())?;
+            let n = (e.path_len as usize).min(e.path.len());
+            let c = Cgroup { common: common(&e.header), id: e.id, level: e.level, path: text(&e.path[..n]) };
+            if kind == EventKind::CgroupMkdir {
+                Event::CgroupMkdir(c)
+            } else {
+                Event::CgroupRmdir(c)
+            }
         }
         EventKind::Connect => {
             let e: common::ConnectEvent = read_exact(bytes, kind.name())?;

@@ -12,6 +12,8 @@
 pub mod attribution;
 pub mod btf;
 pub mod cli;
+pub mod credentials;
+pub mod daemon;
 pub mod events;
 pub mod finding;
 pub mod inventory;

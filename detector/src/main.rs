@@ -1,1 +1,43 @@
-fn main(){}
+use std::process::ExitCode;
+
+use clap::Parser;
+use detector::cli::{Cli, Command, LogFormat, PolicyCommand};
+use tracing_subscriber::{fmt, EnvFilter};
+
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // Logs go to stderr: stdout carries findings (and debug events) as JSON lines.
+    let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let result = match cli.command {
+        Command::Run(args) => args.resolve().and_then(|settings| {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?
+                .block_on(detector::daemon::run(settings))
+        }),
+        Command::Policy { command: PolicyCommand::Check { paths } } => {
+            // WIRE: detector::policy::check_cli once the policy module lands.
+            let _ = paths;
+            Err(anyhow::anyhow!("policy check is not wired yet"))
+        }
+        Command::Inventory(_args) => Err(anyhow::anyhow!("inventory is not wired yet")),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}

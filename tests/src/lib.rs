@@ -18,7 +18,9 @@ use std::{
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
+pub mod kernel;
 pub mod net;
+pub mod receivers;
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
 

@@ -1,0 +1,107 @@
+//! The credentials the kernel watches: stable ids for file identities, their
+//! descriptions, and the sync of both into the kernel's `CREDENTIALS` map.
+
+use std::{collections::HashMap, os::unix::fs::MetadataExt, path::Path};
+
+use anyhow::{Context, Result};
+use detector_common::{kernel_dev_from_user, CredentialInfo, CredentialKey};
+
+use crate::finding::Credential;
+
+/// A credential file as the kernel sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Watched {
+    pub id: u32,
+    pub key: CredentialKey,
+    pub meta: Credential,
+}
+
+/// id <-> identity <-> description of every watched credential.
+#[derive(Default)]
+pub struct CredentialTable {
+    by_key: HashMap<CredentialKey, Watched>,
+    by_id: HashMap<u32, CredentialKey>,
+    next_id: u32,
+}
+
+/// The kernel key for a file, from `stat` (following symlinks, as an open would).
+pub fn key_of(path: &Path) -> Result<CredentialKey> {
+    let md = std::fs::metadata(path).with_context(|| format!("stat {}", path.display()))?;
+    anyhow::ensure!(md.is_file(), "{} is not a regular file", path.display());
+    Ok(CredentialKey { dev: kernel_dev_from_user(md.dev()), ino: md.ino() })
+}
+
+impl CredentialTable {
+    /// Adds (or refreshes the description of) a credential; returns its entry
+    /// and whether it is new (so the caller writes it to the kernel map).
+    pub fn upsert(&mut self, key: CredentialKey, meta: Credential) -> (&Watched, bool) {
+        let mut new = false;
+        if !self.by_key.contains_key(&key) {
+            self.next_id = self.next_id.wrapping_add(1).max(1);
+            while self.by_id.contains_key(&self.next_id) {
+                self.next_id = self.next_id.wrapping_add(1).max(1);
+            }
+            self.by_id.insert(self.next_id, key);
+            self.by_key.insert(key, Watched { id: self.next_id, key, meta: meta.clone() });
+            new = true;
+        }
+        let w = self.by_key.get_mut(&key).expect("just inserted");
+        w.meta = meta;
+        (w, new)
+    }
+
+    pub fn remove(&mut self, key: &CredentialKey) -> Option<Watched> {
+        let w = self.by_key.remove(key)?;
+        self.by_id.remove(&w.id);
+        Some(w)
+    }
+
+    pub fn by_id(&self, id: u32) -> Option<&Watched> {
+        self.by_id.get(&id).and_then(|k| self.by_key.get(k))
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_key.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_key.is_empty()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Watched> {
+        self.by_key.values()
+    }
+}
+
+/// The value the kernel map stores for a watched credential.
+pub fn kernel_value(w: &Watched) -> CredentialInfo {
+    CredentialInfo { id: w.id, flags: 0 }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta(path: &str) -> Credential {
+        Credential { kind: "custom".into(), path: path.into(), ..Default::default() }
+    }
+
+    #[test]
+    fn ids_are_stable_and_unique() {
+        let mut t = CredentialTable::default();
+        let a = CredentialKey { dev: 1, ino: 10 };
+        let b = CredentialKey { dev: 1, ino: 11 };
+        let (wa, new_a) = t.upsert(a, meta("/a"));
+        let ida = wa.id;
+        assert!(new_a);
+        let (wb, _) = t.upsert(b, meta("/b"));
+        let idb = wb.id;
+        assert_ne!(ida, idb);
+        let (wa2, new2) = t.upsert(a, meta("/a2"));
+        assert_eq!((wa2.id, new2, wa2.meta.path.as_str()), (ida, false, "/a2"));
+        assert_eq!(t.by_id(idb).unwrap().key, b);
+        t.remove(&a);
+        assert!(t.by_id(ida).is_none());
+        assert_eq!(t.len(), 1);
+    }
+}

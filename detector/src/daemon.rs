@@ -1,0 +1,237 @@
+//! `detector run`: start-up, the event loop, and clean shutdown.
+//!
+//! One task owns the kernel maps and the ring buffer, so nothing on the event
+//! path takes a lock. The kernel takes every enforcement decision itself;
+//! this loop only reports, attributes and updates maps.
+
+use std::{
+    io::Write,
+    os::unix::fs::MetadataExt,
+    path::Path,
+    sync::{atomic::Ordering, Arc},
+    time::Duration,
+};
+
+use anyhow::{Context, Result};
+use detector_common::{DenyRule, EventKind, PolicyAction};
+use tokio::{
+    io::unix::AsyncFd,
+    signal::unix::{signal, SignalKind},
+};
+use tracing::{debug, error, info, warn};
+
+use crate::{
+    btf::Btf,
+    cli::{Mode, RunSettings},
+    credentials::{kernel_value, key_of, CredentialTable},
+    events::{decode, Event},
+    finding::Credential,
+    loader::{find_cgroup2_root, SensorConfig, Sensors},
+    observe::{self, Metrics, Readiness},
+};
+
+/// Boot-time clock in ns: the clock the kernel stamps events with.
+pub fn boottime_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Where the raw decoded events go with `--debug-events`.
+fn open_output(spec: &str) -> Result<Box<dyn Write + Send>> {
+    Ok(if spec == "-" {
+        Box::new(std::io::BufWriter::new(std::io::stdout()))
+    } else {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(spec)
+            .with_context(|| format!("opening {spec}"))?;
+        Box::new(std::io::BufWriter::new(f))
+    })
+}
+
+/// Everything the event loop needs, owned by one task.
+struct Pipeline {
+    metrics: Arc<Metrics>,
+    debug_out: Option<Box<dyn Write + Send>>,
+    credentials: CredentialTable,
+    lost_seen: Vec<u64>,
+}
+
+impl Pipeline {
+    fn handle_record(&mut self, bytes: &[u8], now_ns: u64) {
+        let event = match decode(bytes) {
+            Ok(e) => e,
+            Err(e) => {
+                self.metrics.decode_errors.inc();
+                debug!(error = %e, "undecodable ring-buffer record");
+                return;
+            }
+        };
+        let kind = event.kind();
+        self.metrics.events.with_label_values(&[kind.name()]).inc();
+        let t = event.common().time_ns;
+        if now_ns >= t {
+            self.metrics.processing_latency.observe((now_ns - t) as f64 / 1e9);
+        }
+        if let Event::CredentialAccess(a) = &event {
+            let ns = self
+                .credentials
+                .by_id(a.credential_id)
+                .and_then(|w| w.meta.owner_pod_uid.as_ref().map(|_| "unknown"))
+                .unwrap_or("");
+            self.metrics.credential_reads.with_label_values(&[ns]).inc();
+        }
+        if let Some(out) = self.debug_out.as_mut() {
+            if let Err(e) = serde_json::to_writer(&mut *out, &event).map_err(std::io::Error::from).and_then(|_| out.write_all(b"\n")) {
+                warn!(error = %e, "writing debug events failed; disabling the debug stream");
+                self.debug_out = None;
+            }
+        }
+    }
+
+    fn flush(&mut self) {
+        if let Some(out) = self.debug_out.as_mut() {
+            let _ = out.flush();
+        }
+    }
+
+    /// Periodic: kernel-side loss counters and map sizes into metrics.
+    fn refresh_stats(&mut self, sensors: &Sensors) {
+        let lost = sensors.maps.lost_by_kind();
+        self.lost_seen.resize(EventKind::ALL.len(), 0);
+        for (i, (kind, total)) in lost.into_iter().enumerate() {
+            let prev = self.lost_seen[i];
+            if total > prev {
+                self.metrics.events_lost.with_label_values(&[kind.name()]).inc_by(total - prev);
+                warn!(kind = kind.name(), lost = total - prev, "kernel events lost (ring buffer full)");
+            }
+            self.lost_seen[i] = total;
+        }
+        self.metrics.credentials.set(self.credentials.len() as i64);
+        let holders = sensors.maps.holders.keys().filter(|k| k.is_ok()).count();
+        self.metrics.holders.set(holders as i64);
+        self.metrics.map_entries.with_label_values(&["holders"]).set(holders as i64);
+        self.metrics.map_entries.with_label_values(&["credentials"]).set(self.credentials.len() as i64);
+    }
+}
+
+/// Register an explicitly configured credential file (`--credential-file`).
+fn watch_file(sensors: &mut Sensors, table: &mut CredentialTable, path: &Path) -> Result<()> {
+    let key = key_of(path)?;
+    let meta = Credential {
+        kind: "custom".into(),
+        path: path.display().to_string(),
+        owner_pod_uid: None,
+        inode: key.ino,
+        dev: key.dev,
+    };
+    let (w, _) = table.upsert(key, meta);
+    sensors.maps.credentials.insert(key, kernel_value(w), 0).context("writing the credentials map")?;
+    info!(path = %path.display(), id = w.id, dev = key.dev, ino = key.ino, "watching credential file");
+    Ok(())
+}
+
+pub async fn run(settings: RunSettings) -> Result<()> {
+    let metrics = Metrics::new()?;
+    let readiness = Arc::new(Readiness::default());
+    let bound = observe::serve(settings.metrics_addr, metrics.clone(), readiness.clone()).await?;
+    info!(addr = %bound, "serving /metrics, /healthz, /readyz");
+
+    let cgroup_root = match &settings.cgroup_root {
+        Some(p) => p.clone(),
+        None => find_cgroup2_root()?,
+    };
+    let offsets = Btf::from_sys_fs()
+        .and_then(|b| b.kernel_offsets())
+        .context("reading kernel struct offsets from /sys/kernel/btf/vmlinux (the kernel needs CONFIG_DEBUG_INFO_BTF)")?;
+    debug!(?offsets, "kernel offsets");
+    let (mut sensors, events) = Sensors::load(
+        offsets,
+        &SensorConfig {
+            cgroup_root: cgroup_root.clone(),
+            enforce: settings.mode == Mode::Enforce,
+            connect_dedup_ns: settings.connect_dedup_ms.saturating_mul(1_000_000),
+        },
+    )?;
+    metrics.probes_attached.set(sensors.attached.len() as i64);
+    info!(programs = sensors.attached.len(), cgroup_root = %cgroup_root.display(), mode = ?settings.mode, "kernel programs attached");
+
+    let mut table = CredentialTable::default();
+    for path in &settings.credential_file {
+        if let Err(e) = watch_file(&mut sensors, &mut table, path) {
+            error!(path = %path.display(), error = %format!("{e:#}"), "cannot watch credential file");
+        }
+    }
+    if !settings.kubelet_dir.exists() {
+        info!(dir = %settings.kubelet_dir.display(), "no kubelet directory: not a Kubernetes node, or not mounted; watching only explicit credential files");
+    }
+    readiness.inventory.store(true, Ordering::Release);
+
+    for dir in &settings.deny_cgroup {
+        match std::fs::metadata(dir) {
+            Ok(md) if md.is_dir() => {
+                let rule = DenyRule { action: PolicyAction::Block as u32, _pad: 0 };
+                sensors.maps.deny_cgroup.insert(md.ino(), rule, 0).context("writing deny map")?;
+                info!(cgroup = %dir.display(), id = md.ino(), "denying all egress of cgroup");
+            }
+            Ok(_) => error!(cgroup = %dir.display(), "--deny-cgroup is not a directory"),
+            Err(e) => error!(cgroup = %dir.display(), error = %e, "--deny-cgroup cannot be read"),
+        }
+    }
+    metrics.policy_reload_success.set(1);
+    readiness.intents.store(true, Ordering::Release);
+    readiness.probes.store(true, Ordering::Release);
+    info!("ready");
+
+    let debug_out = match &settings.debug_events {
+        Some(spec) => Some(open_output(spec)?),
+        None => None,
+    };
+    let mut pipeline = Pipeline { metrics: metrics.clone(), debug_out, credentials: table, lost_seen: Vec::new() };
+
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    // SAFETY: the AsyncFd owns the ring buffer and with it the fd, so the fd
+    // stays open for as long as it is registered.
+    let mut ring = unsafe { AsyncFd::register(events) }.context("polling the ring buffer")?;
+    // Bulk events do not wake us (see submit_flags in the kernel): poll too.
+    let mut poll = tokio::time::interval(Duration::from_millis(10));
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut stats = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        tokio::select! {
+            guard = ring.readable_mut() => {
+                let mut guard = guard?;
+                drain(guard.get_inner_mut(), &mut pipeline);
+                guard.clear_ready();
+            }
+            _ = poll.tick() => drain(ring.get_mut(), &mut pipeline),
+            _ = stats.tick() => pipeline.refresh_stats(&sensors),
+            _ = sigterm.recv() => { info!("SIGTERM: detaching"); break; }
+            _ = sigint.recv() => { info!("SIGINT: detaching"); break; }
+        }
+    }
+    drain(ring.get_mut(), &mut pipeline);
+    readiness.probes.store(false, Ordering::Release);
+    drop(ring);
+    drop(sensors);
+    info!("all kernel programs detached; bye");
+    Ok(())
+}
+
+fn drain(ring: &mut aya::maps::RingBuf<aya::maps::MapData>, pipeline: &mut Pipeline) {
+    let now = boottime_ns();
+    let mut n = 0;
+    while let Some(item) = ring.next() {
+        pipeline.handle_record(&item, now);
+        n += 1;
+        if n >= 65536 {
+            break; // let the other branches run; the poll tick resumes
+        }
+    }
+    if n > 0 {
+        pipeline.flush();
+    }
+}

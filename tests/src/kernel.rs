@@ -1,0 +1,49 @@
+//! Looking at the kernel objects a daemon process owns: its BPF programs and
+//! maps (through /proc/<pid>/fdinfo), so tests can check map contents and
+//! that nothing stays attached after the daemon dies.
+
+use std::collections::BTreeSet;
+
+use aya::maps::{HashMap, Map, MapData, MapInfo};
+use detector_common::Holder;
+
+fn fdinfo_ids(pid: u32, key: &str) -> BTreeSet<u32> {
+    let mut ids = BTreeSet::new();
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else { return ids };
+    for entry in dir.flatten() {
+        let Ok(text) = std::fs::read_to_string(entry.path()) else { continue };
+        for line in text.lines() {
+            if let Some(v) = line.strip_prefix(key) {
+                if let Ok(id) = v.trim().parse() {
+                    ids.insert(id);
+                }
+            }
+        }
+    }
+    ids
+}
+
+/// Ids of the BPF programs `pid` holds (program and link fds).
+pub fn program_ids_of(pid: u32) -> BTreeSet<u32> {
+    fdinfo_ids(pid, "prog_id:")
+}
+
+/// Ids of the BPF programs loaded in the kernel right now.
+pub fn loaded_program_ids() -> BTreeSet<u32> {
+    aya::programs::loaded_programs().filter_map(|p| p.ok()).map(|p| p.id()).collect()
+}
+
+fn map_of(pid: u32, name: &str) -> Option<MapData> {
+    fdinfo_ids(pid, "map_id:").into_iter().find_map(|id| {
+        let info = MapInfo::from_id(id).ok()?;
+        (info.name_as_str() == Some(name)).then(|| MapData::from_id(id).ok()).flatten()
+    })
+}
+
+/// tgid -> holder entries of the daemon `pid`'s HOLDERS map.
+pub fn holders_of(pid: u32) -> std::collections::HashMap<u32, Holder> {
+    let data = map_of(pid, "HOLDERS").expect("daemon has a HOLDERS map");
+    let map: HashMap<MapData, u32, Holder> =
+        HashMap::try_from(Map::LruHashMap(data)).expect("HOLDERS is an LRU hash of u32 -> Holder");
+    map.iter().filter_map(|r| r.ok()).collect()
+}

@@ -1,0 +1,245 @@
+//! Kernel sensors end to end: the real daemon, real cgroups, real syscalls.
+//! (Issue: kernel sensors, loader and build.)
+
+use std::{
+    collections::HashSet,
+    os::unix::fs::MetadataExt,
+    process::{Command, Output, Stdio},
+    time::Duration,
+};
+
+use detector_tests::{
+    kernel, net::CountingListener, require_root, u, wait_for, Daemon, TestCgroup, Tmpfs,
+};
+use serde_json::Value;
+
+const PROBE: &str = env!("CARGO_BIN_EXE_probe");
+const WAIT: Duration = Duration::from_secs(10);
+
+/// Run the probe inside `cg`; returns (pid, output).
+fn probe(cg: &TestCgroup, args: &[&str]) -> (u32, Output) {
+    let child = cg.command(PROBE).args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let pid = child.id();
+    (pid, child.wait_with_output().unwrap())
+}
+
+fn ok(out: &Output) {
+    assert!(out.status.success(), "probe failed: {} {}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+}
+
+fn accesses_of(d: &Daemon, pid: u32) -> Vec<Value> {
+    d.events()
+        .into_iter()
+        .filter(|e| e["event"] == "credential_access" && u(e, "tgid") == pid as u64)
+        .collect()
+}
+
+/// A credential on a tmpfs with a hardlink, a symlink and a bind mount of it.
+struct CredFixture {
+    fs: Tmpfs,
+    token: String,
+    writable: String,
+    plain: String,
+    bind_target: String,
+}
+
+impl CredFixture {
+    fn new() -> Self {
+        let fs = Tmpfs::new("cred");
+        let d = fs.dir.clone();
+        std::fs::create_dir_all(d.join("sa")).unwrap();
+        std::fs::write(d.join("sa/token"), b"not-a-real-token").unwrap();
+        std::fs::write(d.join("sa/writable-token"), b"x").unwrap();
+        std::fs::write(d.join("plain.txt"), b"ordinary").unwrap();
+        std::fs::hard_link(d.join("sa/token"), d.join("hardlink")).unwrap();
+        std::os::unix::fs::symlink(d.join("sa/token"), d.join("symlink")).unwrap();
+        std::fs::write(d.join("bind-target"), b"").unwrap();
+        let st = Command::new("mount").arg("--bind").arg(d.join("sa/token")).arg(d.join("bind-target")).status().unwrap();
+        assert!(st.success(), "bind mount");
+        let s = |p: &str| d.join(p).to_str().unwrap().to_string();
+        CredFixture { token: s("sa/token"), writable: s("sa/writable-token"), plain: s("plain.txt"), bind_target: s("bind-target"), fs }
+    }
+}
+
+impl Drop for CredFixture {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.bind_target).status();
+    }
+}
+
+#[test]
+fn every_route_to_a_credential_yields_exactly_one_event() {
+    require_root();
+    let fx = CredFixture::new();
+    let cg = TestCgroup::new("routes");
+    let d = Daemon::start(&["--credential-file", &fx.token, "--credential-file", &fx.writable]).unwrap();
+    let md = std::fs::metadata(&fx.token).unwrap();
+
+    let proc_root = format!("/proc/1/root{}", fx.token);
+    let d_dir = fx.fs.dir.to_str().unwrap().to_string();
+    let symlink = format!("{d_dir}/symlink");
+    let hardlink = format!("{d_dir}/hardlink");
+    let routes: Vec<(&str, Vec<&str>, &str)> = vec![
+        ("absolute", vec!["open-abs", &fx.token], "openat"),
+        ("relative after chdir", vec!["open-rel", &fx.token], "openat"),
+        ("symlink", vec!["open-abs", &symlink], "openat"),
+        ("hardlink", vec!["open-abs", &hardlink], "openat"),
+        ("bind mount", vec!["open-abs", &fx.bind_target], "openat"),
+        ("/proc/<pid>/root", vec!["open-abs", &proc_root], "openat"),
+        ("open(2)", vec!["open-syscall", &fx.token], "open"),
+        ("openat2", vec!["openat2", &fx.token], "openat2"),
+        ("open_by_handle_at", vec!["by-handle", &fx.token], "open_by_handle_at"),
+    ];
+    let mut cred_ids = HashSet::new();
+    for (what, args, route) in &routes {
+        let (pid, out) = probe(&cg, args);
+        ok(&out);
+        let evs = wait_for(WAIT, || {
+            let v = accesses_of(&d, pid);
+            (!v.is_empty()).then_some(v)
+        })
+        .unwrap_or_else(|| panic!("{what}: no credential_access event for pid {pid}; log:\n{}", d.log()));
+        d.settle();
+        let evs = accesses_of(&d, pid);
+        assert_eq!(evs.len(), 1, "{what}: exactly one event expected, got {evs:?}");
+        let e = &evs[0];
+        assert_eq!(u(e, "cgroup_id"), cg.id, "{what}: cgroup id");
+        assert_eq!(u(e, "pid"), pid as u64, "{what}: pid");
+        assert_eq!(e["route"], *route, "{what}: route");
+        assert_eq!(u(e, "ino"), md.ino(), "{what}: inode");
+        assert_eq!(e["readable"], true, "{what}");
+        cred_ids.insert(u(e, "credential_id"));
+    }
+    assert_eq!(cred_ids.len(), 1, "all routes name the same credential id: {cred_ids:?}");
+
+    // creat(2) hands out a write-only fd of a (different) credential file.
+    let (pid, out) = probe(&cg, &["creat", &fx.writable]);
+    ok(&out);
+    let e = &d.wait_events(WAIT, |e| e["event"] == "credential_access" && u(e, "tgid") == pid as u64)[0];
+    assert_eq!((e["route"].as_str(), e["writable"].as_bool(), e["readable"].as_bool()), (Some("creat"), Some(true), Some(false)));
+    assert!(!cred_ids.contains(&u(e, "credential_id")));
+
+    // pidfd_getfd: a duplicate of another process's credential fd.
+    let (pid, out) = probe(&cg, &["pidfd-getfd", &fx.token]);
+    ok(&out);
+    let evs = d.wait_events(WAIT, |e| e["event"] == "credential_access" && u(e, "tgid") == pid as u64);
+    assert_eq!(evs.len(), 1, "{evs:?}");
+    assert_eq!(evs[0]["route"], "pidfd_getfd");
+
+    // Ordinary files: no event at all.
+    let (pid_plain, out) = probe(&cg, &["open-abs", &fx.plain]);
+    ok(&out);
+    let (pid_etc, out) = probe(&cg, &["read", "/etc/hostname"]);
+    ok(&out);
+    d.settle();
+    d.settle();
+    assert!(accesses_of(&d, pid_plain).is_empty() && accesses_of(&d, pid_etc).is_empty(), "ordinary files must not produce events");
+}
+
+#[test]
+fn a_forked_child_of_a_holder_is_a_holder_and_exit_cleans_up() {
+    require_root();
+    let fx = CredFixture::new();
+    let cg = TestCgroup::new("lineage");
+    let d = Daemon::start(&["--credential-file", &fx.token]).unwrap();
+    let daemon_pid = d.child.id();
+
+    let mut child = cg.command(PROBE).args(["hold-fork", &fx.token]).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.as_mut().unwrap()), &mut line).unwrap();
+    let pids: Vec<u32> = line.split_whitespace().filter_map(|w| w.split('=').nth(1)?.parse().ok()).collect();
+    let (parent, kid) = (pids[0], pids[1]);
+
+    let holders = wait_for(WAIT, || {
+        let h = kernel::holders_of(daemon_pid);
+        (h.contains_key(&parent) && h.contains_key(&kid)).then_some(h)
+    })
+    .unwrap_or_else(|| panic!("parent and child must both be holders: {:?}", kernel::holders_of(daemon_pid)));
+    assert_eq!(holders[&kid].credential_id, holders[&parent].credential_id);
+    assert_eq!(holders[&kid].origin_tgid, parent, "the child inherited from its parent");
+    let fork = &d.wait_events(WAIT, |e| e["event"] == "fork" && u(e, "tgid") == kid as u64)[0];
+    assert_eq!(u(fork, "parent_tgid"), parent as u64);
+    assert_eq!(u(fork, "inherited_credential"), holders[&parent].credential_id as u64);
+
+    drop(child.stdin.take()); // the probe kills its child and exits
+    child.wait().unwrap();
+    let gone = wait_for(WAIT, || {
+        let h = kernel::holders_of(daemon_pid);
+        (!h.contains_key(&parent) && !h.contains_key(&kid)).then_some(())
+    });
+    assert!(gone.is_some(), "holder entries must be removed at exit: {:?}", kernel::holders_of(daemon_pid));
+    let exits = d.wait_events(WAIT, |e| e["event"] == "exit" && (u(e, "tgid") == parent as u64 || u(e, "tgid") == kid as u64));
+    assert!(exits.iter().all(|e| u(e, "holder_credential") != 0), "{exits:?}");
+}
+
+#[test]
+fn connects_are_reported_with_destination_and_cgroup() {
+    require_root();
+    let cg = TestCgroup::new("egress");
+    let d = Daemon::start(&["--connect-dedup-ms", "0"]).unwrap();
+    let l = CountingListener::bind("127.0.0.1:0");
+    let port = l.addr.port().to_string();
+
+    let (pid, out) = probe(&cg, &["connect", "127.0.0.1", &port]);
+    ok(&out);
+    let e = &d.wait_events(WAIT, |e| e["event"] == "connect" && u(e, "tgid") == pid as u64)[0];
+    assert_eq!((e["addr"].as_str(), u(e, "port"), e["protocol"].as_str(), e["hook"].as_str()), (Some("127.0.0.1"), l.addr.port() as u64, Some("tcp"), Some("connect4")));
+    assert_eq!(u(e, "cgroup_id"), cg.id);
+    assert_eq!(e["verdict"], "allowed");
+
+    // An IPv4-mapped IPv6 destination is reported as IPv4.
+    let (pid6, out) = probe(&cg, &["connect", "::ffff:127.0.0.1", &port]);
+    ok(&out);
+    let e = &d.wait_events(WAIT, |e| e["event"] == "connect" && u(e, "tgid") == pid6 as u64)[0];
+    assert_eq!((e["addr"].as_str(), e["hook"].as_str()), (Some("127.0.0.1"), Some("connect6")));
+
+    // UDP datagrams through sendmsg.
+    let (pidu, out) = probe(&cg, &["udp", "127.0.0.1", "9"]);
+    ok(&out);
+    let e = &d.wait_events(WAIT, |e| e["event"] == "connect" && u(e, "tgid") == pidu as u64)[0];
+    assert_eq!((e["protocol"].as_str(), e["hook"].as_str(), u(e, "port")), (Some("udp"), Some("sendmsg4"), 9));
+    assert_eq!(l.accepted(), 2);
+}
+
+#[test]
+fn a_deny_verdict_blocks_one_cgroup_in_the_kernel_and_not_another() {
+    require_root();
+    let denied = TestCgroup::new("denied");
+    let other = TestCgroup::new("allowed");
+    let d = Daemon::start(&["--deny-cgroup", denied.path.to_str().unwrap(), "--connect-dedup-ms", "0"]).unwrap();
+    let l = CountingListener::bind("127.0.0.1:0");
+    let port = l.addr.port().to_string();
+
+    let (pid, out) = probe(&denied, &["connect", "127.0.0.1", &port]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), format!("errno={}", libc::EPERM), "connect must fail with EPERM");
+    assert_eq!(l.accepted(), 0, "the listener never sees the denied connection");
+    let e = &d.wait_events(WAIT, |e| e["event"] == "connect" && u(e, "tgid") == pid as u64)[0];
+    assert_eq!((e["verdict"].as_str(), e["reason"].as_str()), (Some("denied"), Some("deny_cgroup")));
+
+    let (_, out) = probe(&other, &["connect", "127.0.0.1", &port]);
+    ok(&out);
+    assert_eq!(l.accepted(), 1, "another cgroup still connects");
+}
+
+#[test]
+fn killing_the_daemon_leaves_no_program_attached() {
+    require_root();
+    let mut d = Daemon::start(&[]).unwrap();
+    let pid = d.child.id();
+    let ours = kernel::program_ids_of(pid);
+    assert!(ours.len() >= 10, "the daemon holds its programs: {ours:?}");
+    assert!(ours.is_subset(&kernel::loaded_program_ids()));
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    d.child.wait().unwrap();
+    let gone = wait_for(Duration::from_secs(10), || {
+        let loaded = kernel::loaded_program_ids();
+        ours.iter().all(|id| !loaded.contains(id)).then_some(())
+    });
+    assert!(gone.is_some(), "programs still loaded after SIGKILL: {:?}", ours.intersection(&kernel::loaded_program_ids()).collect::<Vec<_>>());
+
+    // A cgroup connect still works with no daemon (nothing left denying).
+    let cg = TestCgroup::new("after-kill");
+    let l = CountingListener::bind("127.0.0.1:0");
+    let (_, out) = probe(&cg, &["connect", "127.0.0.1", &l.addr.port().to_string()]);
+    ok(&out);
+}
