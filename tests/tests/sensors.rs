@@ -75,7 +75,8 @@ fn every_route_to_a_credential_yields_exactly_one_event() {
     let d = Daemon::start(&["--credential-file", &fx.token, "--credential-file", &fx.writable]).unwrap();
     let md = std::fs::metadata(&fx.token).unwrap();
 
-    let proc_root = format!("/proc/1/root{}", fx.token);
+    // Another process's root (the test's own; PID 1 may not be ptrace-readable).
+    let proc_root = format!("/proc/{}/root{}", std::process::id(), fx.token);
     let d_dir = fx.fs.dir.to_str().unwrap().to_string();
     let symlink = format!("{d_dir}/symlink");
     let hardlink = format!("{d_dir}/hardlink");
@@ -93,8 +94,8 @@ fn every_route_to_a_credential_yields_exactly_one_event() {
     let mut cred_ids = HashSet::new();
     for (what, args, route) in &routes {
         let (pid, out) = probe(&cg, args);
-        ok(&out);
-        let evs = wait_for(WAIT, || {
+        assert!(out.status.success(), "{what}: probe failed: {}", String::from_utf8_lossy(&out.stdout));
+        wait_for(WAIT, || {
             let v = accesses_of(&d, pid);
             (!v.is_empty()).then_some(v)
         })
