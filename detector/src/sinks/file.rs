@@ -175,7 +175,7 @@ pub(crate) fn spawn(
                         Err(_) => break,
                     }
                 }
-                m.queue_depth.sub(batch.len() as i64);
+                m.queue_depth.set(rx.len() as i64);
                 let mut written = 0u64;
                 let mut result = Ok(());
                 for f in batch.drain(..) {

@@ -404,6 +404,7 @@ pub(crate) struct SinkMetrics {
 /// A snapshot of one sink's counters (the same numbers as its metrics).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SinkStats {
+    /// Findings in the in-memory queue now.
     pub queue_depth: i64,
     pub sent: u64,
     pub failed: u64,
@@ -569,12 +570,12 @@ impl SinkSet {
         let item = Arc::new(finding.clone());
         for s in &self.sinks {
             let Some(tx) = &s.tx else { continue };
-            // Count before sending so the worker's decrement never runs first.
-            s.metrics.queue_depth.inc();
             if tx.try_send(item.clone()).is_err() {
-                s.metrics.queue_depth.dec();
                 s.metrics.dropped_queue_full.inc();
             }
+            s.metrics
+                .queue_depth
+                .set((tx.max_capacity() - tx.capacity()) as i64);
         }
     }
 

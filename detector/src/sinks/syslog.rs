@@ -266,7 +266,7 @@ async fn recv_batch(rx: &mut mpsc::Receiver<Item>, m: &SinkMetrics) -> Option<Ve
     if rx.recv_many(&mut batch, BATCH).await == 0 {
         return None;
     }
-    m.queue_depth.sub(batch.len() as i64);
+    m.queue_depth.set(rx.len() as i64);
     Some(batch)
 }
 
@@ -380,7 +380,7 @@ async fn tcp_loop(
                 conn = None;
             }
             m.failed.inc();
-            let d = super::backoff(Duration::from_millis(200), Duration::from_secs(30), attempt);
+            let d = super::backoff(Duration::from_millis(200), Duration::from_secs(10), attempt);
             attempt = attempt.saturating_add(1);
             if attempt == 1 || attempt.is_power_of_two() {
                 tracing::warn!(%addr, attempts = attempt, "syslog receiver unreachable; retrying");

@@ -101,7 +101,7 @@ fn write_loop(mut rx: mpsc::Receiver<Item>, mut w: SpoolWriter, m: &SinkMetrics)
                 Err(_) => break,
             }
         }
-        m.queue_depth.sub(batch.len() as i64);
+        m.queue_depth.set(rx.len() as i64);
         let lines: Vec<Vec<u8>> = batch
             .drain(..)
             .map(|f| {
