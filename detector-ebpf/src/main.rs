@@ -18,7 +18,7 @@ use aya_ebpf::{
     EbpfContext,
     bindings::{BPF_F_NO_PREALLOC, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
-        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
         bpf_get_current_task, bpf_get_current_uid_gid, bpf_ktime_get_boot_ns,
         bpf_probe_read_kernel, bpf_probe_read_kernel_str_bytes, bpf_send_signal,
     },
@@ -82,6 +82,8 @@ static EMITTED: PerCpuArray<u64> = PerCpuArray::with_max_entries(EVENT_KINDS, 0)
 
 const FMODE_READ: u32 = 1;
 const SIGKILL: u32 = 9;
+/// cgroup levels searched for a policy (kubepods/<qos>/pod<uid>/<ctr> is 4).
+const MAX_CGROUP_DEPTH: i32 = 8;
 
 // ---- small helpers ----------------------------------------------------------
 
@@ -414,6 +416,29 @@ fn rule_action(rule: Option<&DenyRule>) -> Option<PolicyAction> {
     rule.map(|r| PolicyAction::from_u32(r.action))
 }
 
+/// Deepest cgroup policy on the path from the root to the current cgroup.
+/// A policy set on a pod's cgroup covers containers created after it, before
+/// userspace has seen them.
+#[inline(always)]
+fn policy_for(leaf: u64) -> Option<CgroupPolicy> {
+    if let Some(p) = unsafe { CGROUP_POLICY.get(&leaf) } {
+        return Some(*p);
+    }
+    let mut found = None;
+    let mut level = 1;
+    while level < MAX_CGROUP_DEPTH {
+        let id = unsafe { bpf_get_current_ancestor_cgroup_id(level) };
+        if id == 0 || id == leaf {
+            break;
+        }
+        if let Some(p) = unsafe { CGROUP_POLICY.get(&id) } {
+            found = Some(*p);
+        }
+        level += 1;
+    }
+    found
+}
+
 /// Decide, report and enforce one egress. Returns 1 (allow) or 0 (EPERM).
 #[inline(always)]
 fn on_egress(ctx: &SockAddrContext, hook: EgressHook) -> i32 {
@@ -465,11 +490,7 @@ fn on_egress(ctx: &SockAddrContext, hook: EgressHook) -> i32 {
     let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
 
     let holder = unsafe { HOLDERS.get(&tgid) }.map(|h| h.credential_id).unwrap_or(0);
-    let policy: Option<CgroupPolicy> = if holder != 0 {
-        unsafe { CGROUP_POLICY.get(&cgroup_id) }.copied()
-    } else {
-        None
-    };
+    let policy = if holder != 0 { policy_for(cgroup_id) } else { None };
     let allowed: Option<&AllowPorts> = match policy {
         None => None,
         Some(p) if family == AF_INET => {

@@ -9,6 +9,7 @@
 //! - `finding`: the finding contract
 //! - `sinks`: where findings go (JSON lines, webhook, syslog/CEF, OCSF)
 //! - `observe`: Prometheus metrics, /healthz, /readyz
+pub mod aggregate;
 pub mod attribution;
 pub mod btf;
 pub mod cli;
@@ -20,4 +21,5 @@ pub mod inventory;
 pub mod loader;
 pub mod observe;
 pub mod policy;
+pub mod process;
 pub mod sinks;
