@@ -321,8 +321,11 @@ impl Drop for Rsyslog {
     }
 }
 
-/// RFC 5424 STRUCTURED-DATA → [(SD-ID, [(name, unescaped value)])].
-pub fn parse_structured_data(sd: &str) -> Result<Vec<(String, Vec<(String, String)>)>> {
+/// One SD-ELEMENT: its SD-ID and its (name, unescaped value) parameters.
+pub type SdElement = (String, Vec<(String, String)>);
+
+/// RFC 5424 STRUCTURED-DATA → its elements, in order.
+pub fn parse_structured_data(sd: &str) -> Result<Vec<SdElement>> {
     let mut out = Vec::new();
     if sd == "-" {
         return Ok(out);
@@ -588,21 +591,36 @@ pub struct HttpReceiver {
 struct ReceiverState {
     items: Mutex<Vec<Value>>,
     requests: AtomicUsize,
-    /// Answer this many of the next requests with 503.
+    /// Answer this many of the next requests with `fail_status`.
     fail_next: AtomicU32,
+    fail_status: std::sync::atomic::AtomicU16,
+    /// Headers of the last request (name, value), lower-case names.
+    last_headers: Mutex<Vec<(String, String)>>,
 }
 
 async fn receive(
     axum::extract::State(st): axum::extract::State<Arc<ReceiverState>>,
+    headers: axum::http::HeaderMap,
     body: axum::body::Bytes,
 ) -> axum::http::StatusCode {
     st.requests.fetch_add(1, Ordering::SeqCst);
+    *st.last_headers.lock().unwrap() = headers
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.as_str().to_string(),
+                v.to_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect();
     if st
         .fail_next
         .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
         .is_ok()
     {
-        return axum::http::StatusCode::SERVICE_UNAVAILABLE;
+        let code = st.fail_status.load(Ordering::SeqCst);
+        return axum::http::StatusCode::from_u16(code)
+            .unwrap_or(axum::http::StatusCode::SERVICE_UNAVAILABLE);
     }
     match serde_json::from_slice::<Vec<Value>>(&body) {
         Ok(v) => {
@@ -677,8 +695,22 @@ impl HttpReceiver {
         self.state.requests.load(Ordering::SeqCst)
     }
 
+    /// A header of the last request.
+    pub fn last_header(&self, name: &str) -> Option<String> {
+        let h = self.state.last_headers.lock().unwrap();
+        h.iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.clone())
+    }
+
     /// Answer the next `n` requests with 503 Service Unavailable.
     pub fn fail_next(&self, n: u32) {
+        self.fail_next_with(n, 503);
+    }
+
+    /// Answer the next `n` requests with HTTP `status`.
+    pub fn fail_next_with(&self, n: u32, status: u16) {
+        self.state.fail_status.store(status, Ordering::SeqCst);
         self.state.fail_next.store(n, Ordering::SeqCst);
     }
 }

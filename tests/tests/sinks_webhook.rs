@@ -6,7 +6,7 @@ use std::{path::Path, time::Duration};
 
 use detector::{
     finding::Finding,
-    sinks::{SinkSet, SinksConfig, WebhookConfig},
+    sinks::{PayloadFormat, SinkSet, SinksConfig, WebhookConfig},
 };
 use detector_tests::{
     receivers::{refusing_addr, sample_findings, HttpReceiver},
@@ -234,5 +234,74 @@ async fn refused_connections_never_block_emit() {
         (set.stats("webhook").unwrap().failed > 0).then_some(())
     })
     .expect("refused connections are counted as failures");
+    set.shutdown(Duration::from_secs(5)).await;
+}
+
+/// The OCSF payload option: arrays of Detection Findings, with the
+/// configured headers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ocsf_payload_with_headers() {
+    let spool = tempfile::tempdir().unwrap();
+    let rx = HttpReceiver::start("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let mut w = webhook(format!("http://{}/", rx.addr), spool.path());
+    w.format = PayloadFormat::Ocsf;
+    w.headers
+        .insert("Authorization".into(), "Splunk test-collector-token".into());
+    let registry = prometheus::Registry::new();
+    let set = SinkSet::new(&config(w), &registry).unwrap();
+    let all = sample_findings(30);
+    for f in &all {
+        set.emit(f);
+    }
+    let got = wait_received(&rx, 30, Duration::from_secs(20)).await;
+    for (v, f) in got.iter().zip(&all) {
+        assert_eq!(v["class_uid"], 2004);
+        assert_eq!(v["type_uid"], 200401);
+        assert_eq!(v["actor"]["process"]["pid"], f.process.pid);
+        assert_eq!(v["finding_info"]["types"][0], f.kind.as_str());
+    }
+    assert_eq!(
+        rx.last_header("authorization").as_deref(),
+        Some("Splunk test-collector-token")
+    );
+    assert_eq!(
+        rx.last_header("content-type").as_deref(),
+        Some("application/json")
+    );
+    set.shutdown(Duration::from_secs(5)).await;
+}
+
+/// A 4xx answer that retrying cannot fix drops the batch, counted as
+/// rejected, and the feed goes on; 5xx/429 are retried (see the outage test).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejected_batch_is_counted_and_the_feed_goes_on() {
+    let spool = tempfile::tempdir().unwrap();
+    let rx = HttpReceiver::start("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let registry = prometheus::Registry::new();
+    let set = SinkSet::new(
+        &config(webhook(format!("http://{}/", rx.addr), spool.path())),
+        &registry,
+    )
+    .unwrap();
+    let all = sample_findings(10);
+    rx.fail_next_with(1, 400);
+    for f in &all[..5] {
+        set.emit(f);
+    }
+    let st = wait_for(Duration::from_secs(20), || {
+        let st = set.stats("webhook").unwrap();
+        (st.dropped_rejected == 5).then_some(st)
+    })
+    .unwrap_or_else(|| panic!("{:?}", set.stats("webhook")));
+    assert_eq!(st.dropped, 5, "{st:?}");
+    for f in &all[5..] {
+        set.emit(f);
+    }
+    let got = wait_received(&rx, 5, Duration::from_secs(20)).await;
+    assert_all_in_order(&got, &as_values(&all[5..]));
     set.shutdown(Duration::from_secs(5)).await;
 }

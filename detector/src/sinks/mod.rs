@@ -412,6 +412,8 @@ pub struct SinkStats {
     pub dropped: u64,
     pub dropped_queue_full: u64,
     pub dropped_spool_full: u64,
+    /// Rejected by the receiver (webhook 4xx other than 401/403/404/408/429).
+    pub dropped_rejected: u64,
     pub spooled: u64,
     pub spool_bytes: i64,
 }
@@ -420,6 +422,7 @@ impl SinkMetrics {
     fn stats(&self) -> SinkStats {
         let dropped_queue_full = self.dropped_queue_full.get();
         let dropped_spool_full = self.dropped_spool_full.get();
+        let dropped_rejected = self.dropped_rejected.get();
         SinkStats {
             queue_depth: self.queue_depth.get(),
             sent: self.sent.get(),
@@ -427,10 +430,11 @@ impl SinkMetrics {
             dropped: dropped_queue_full
                 + dropped_spool_full
                 + self.dropped_error.get()
-                + self.dropped_rejected.get()
+                + dropped_rejected
                 + self.dropped_corrupt.get(),
             dropped_queue_full,
             dropped_spool_full,
+            dropped_rejected,
             spooled: self.spooled.get(),
             spool_bytes: self.spool_bytes.get(),
         }

@@ -299,3 +299,57 @@ impl Delivery {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sinks::{testutil::sample, SinkSet, SinksConfig};
+
+    /// An https webhook builds its TLS client (ring provider) and, with the
+    /// receiver unreachable, keeps everything in the spool.
+    #[tokio::test]
+    async fn https_client_builds_and_spools() {
+        let dir =
+            std::env::temp_dir().join(format!("detector-webhook-unit-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut w = WebhookConfig::new("https://127.0.0.1:9/ingest", &dir);
+        w.retry_initial = Duration::from_millis(10);
+        let cfg = SinksConfig {
+            jsonl: None,
+            webhook: Some(w),
+            ..Default::default()
+        };
+        let reg = prometheus::Registry::new();
+        let set = SinkSet::new(&cfg, &reg).unwrap();
+        set.emit(&sample(1));
+        for _ in 0..500 {
+            if set.stats("webhook").unwrap().failed > 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let st = set.stats("webhook").unwrap();
+        assert_eq!((st.spooled, st.sent), (1, 0), "{st:?}");
+        assert!(st.failed > 0, "{st:?}");
+        set.shutdown(Duration::from_secs(5)).await;
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn bad_urls_are_config_errors() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let _g = rt.enter();
+        let reg = prometheus::Registry::new();
+        for url in ["ftp://x/", "not a url"] {
+            let cfg = SinksConfig {
+                jsonl: None,
+                webhook: Some(WebhookConfig::new(url, "/nonexistent/spool")),
+                ..Default::default()
+            };
+            assert!(SinkSet::new(&cfg, &reg).is_err(), "{url}");
+        }
+    }
+}
