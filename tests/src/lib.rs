@@ -21,7 +21,6 @@ use serde_json::Value;
 pub mod kernel;
 pub mod net;
 pub mod receivers;
-pub mod receivers;
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
