@@ -626,7 +626,14 @@ pub fn bench(args: BenchArgs) -> Result<ExitCode> {
         kubelet,
         listen: start_listener()?,
         worker: std::env::current_exe().context("current_exe")?,
-        detector: bin,
+        // A private copy: others may rebuild target/release/detector while
+        // the bench runs; every round must start the same binary.
+        detector: {
+            let copy = dir.join("detector");
+            std::fs::copy(&bin, &copy)
+                .with_context(|| format!("copying {} to {}", bin.display(), copy.display()))?;
+            copy
+        },
     };
 
     let started = cmd_out("date", &["-u", "+%Y-%m-%d %H:%M UTC"]);
@@ -655,7 +662,15 @@ pub fn bench(args: BenchArgs) -> Result<ExitCode> {
                 }
                 Session::None => vec![],
             };
-            others.extend(other_tracers(&ours));
+            let seen = other_tracers(&ours);
+            if !seen.is_empty() {
+                notes.push(format!(
+                    "round {round}: {}: other tracers/detectors running: {}",
+                    cfg.name(),
+                    seen.iter().cloned().collect::<Vec<_>>().join(", ")
+                ));
+            }
+            others.extend(seen);
             let mut this = vec![f64::NAN; ncases];
             let t_work = Instant::now();
             for k in 0..ncases {
