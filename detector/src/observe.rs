@@ -84,6 +84,12 @@ impl Metrics {
             &["map"],
         )?;
         registry.register(Box::new(map_entries.clone()))?;
+        // Every series of a closed label set exists from the start, so
+        // `increase()` and absence-based alerts work before the first event.
+        for kind in detector_common::EventKind::ALL {
+            events.with_label_values(&[kind.name()]);
+            events_lost.with_label_values(&[kind.name()]);
+        }
         Ok(Arc::new(Metrics {
             events,
             events_lost,
