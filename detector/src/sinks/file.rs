@@ -218,9 +218,8 @@ mod tests {
 
     #[test]
     fn rotates_by_size_and_keeps_n() {
-        let dir = std::env::temp_dir().join(format!("detector-rot-unit-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let path = dir.join("out.jsonl");
+        let dir = crate::sinks::testutil::TempDir::new("rot");
+        let path = dir.0.join("out.jsonl");
         let mut w = RotatingWriter::open(path.to_str().unwrap(), 100, 2).unwrap();
         for i in 0..10u8 {
             // 40 bytes each: two lines per file.
@@ -236,6 +235,5 @@ mod tests {
         assert!(read(RotatingWriter::numbered(&path, 1)).starts_with(&"g".repeat(39)));
         assert!(read(RotatingWriter::numbered(&path, 2)).starts_with(&"e".repeat(39)));
         assert!(!RotatingWriter::numbered(&path, 3).exists());
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

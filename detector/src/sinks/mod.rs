@@ -12,6 +12,25 @@
 //! only the spool's own bound (`spool_max_bytes`) can make it lose findings,
 //! and those are counted (`reason="spool_full"`).
 //!
+//! Configuration (YAML, e.g. a `sinks:` section of the daemon's config file):
+//! ```yaml
+//! queue_capacity: 4096            # per sink
+//! jsonl: {path: /var/log/detector/alerts.jsonl, max_bytes: 104857600, keep: 5}   # omitted: stdout; null: off
+//! webhook:
+//!   url: https://soc.example/ingest
+//!   batch_max: 100
+//!   flush_interval: 1s
+//!   timeout: 10s
+//!   spool_dir: /var/lib/detector/spool/webhook
+//!   spool_max_bytes: 268435456
+//!   headers: {Authorization: "Bearer …"}
+//!   format: finding                # or ocsf
+//!   retry_initial: 500ms
+//!   retry_max: 60s
+//! syslog: {address: "collector:514", transport: tcp, format: cef, app_name: detector, facility: auth}
+//! ocsf: {path: /var/log/detector/ocsf.jsonl}
+//! ```
+//!
 //! Metrics (all labelled `sink` ∈ {jsonl, webhook, syslog, ocsf}):
 //! `detector_sink_queue_depth`, `detector_sink_queue_capacity`,
 //! `detector_sink_sent_total`, `detector_sink_failed_total` (failed delivery
@@ -652,6 +671,26 @@ pub(crate) fn backoff(initial: Duration, max: Duration, attempt: u32) -> Duratio
 pub(crate) mod testutil {
     use crate::finding::*;
 
+    /// A fresh directory under the temp dir, removed on drop (also when
+    /// the test panics).
+    pub struct TempDir(pub std::path::PathBuf);
+
+    impl TempDir {
+        pub fn new(name: &str) -> Self {
+            let d =
+                std::env::temp_dir().join(format!("detector-{name}-unit-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&d);
+            std::fs::create_dir_all(&d).unwrap();
+            TempDir(d)
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
     pub fn sample(i: u32) -> Finding {
         Finding {
             time: format!("2026-11-23T10:00:{:02}.{:03}Z", i % 60, i % 1000),
@@ -737,9 +776,8 @@ mod tests {
 
     #[tokio::test]
     async fn emit_to_a_full_queue_counts_drops() {
-        let dir = std::env::temp_dir().join(format!("detector-sinks-unit-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("a.jsonl");
+        let dir = testutil::TempDir::new("sinks");
+        let path = dir.0.join("a.jsonl");
         let reg = Registry::new();
         let cfg = SinksConfig {
             jsonl: Some(JsonlConfig::new(path.to_str().unwrap())),
@@ -762,6 +800,5 @@ mod tests {
             .iter()
             .any(|m| m.name() == "detector_sink_sent_total"));
         drop(set);
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -407,8 +407,8 @@ mod tests {
 
     #[test]
     fn fifo_across_restart_bound_and_torn_tail() {
-        let dir = std::env::temp_dir().join(format!("detector-spool-unit-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
+        let tmp = crate::sinks::testutil::TempDir::new("spool");
+        let dir = tmp.0.join("spool");
         let m = metrics();
         {
             let (s, mut w) = Spool::open(&dir, 1 << 20, m.clone()).unwrap();
@@ -464,6 +464,5 @@ mod tests {
                 full: 8
             }
         );
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

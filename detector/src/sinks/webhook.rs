@@ -309,10 +309,8 @@ mod tests {
     /// receiver unreachable, keeps everything in the spool.
     #[tokio::test]
     async fn https_client_builds_and_spools() {
-        let dir =
-            std::env::temp_dir().join(format!("detector-webhook-unit-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let mut w = WebhookConfig::new("https://127.0.0.1:9/ingest", &dir);
+        let dir = crate::sinks::testutil::TempDir::new("webhook");
+        let mut w = WebhookConfig::new("https://127.0.0.1:9/ingest", &dir.0);
         w.retry_initial = Duration::from_millis(10);
         let cfg = SinksConfig {
             jsonl: None,
@@ -332,7 +330,6 @@ mod tests {
         assert_eq!((st.spooled, st.sent), (1, 0), "{st:?}");
         assert!(st.failed > 0, "{st:?}");
         set.shutdown(Duration::from_secs(5)).await;
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
