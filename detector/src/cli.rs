@@ -125,6 +125,8 @@ pub struct ConfigFile {
     pub debug_events: Option<String>,
     pub connect_dedup_ms: Option<u64>,
     pub log_format: Option<LogFormat>,
+    /// Finding outputs (JSON lines, webhook, syslog, OCSF); see `sinks`.
+    pub sinks: Option<crate::sinks::SinksConfig>,
 }
 
 /// `run` settings after merging flags, config file and defaults.
@@ -140,6 +142,7 @@ pub struct RunSettings {
     pub deny_cgroup: Vec<PathBuf>,
     pub debug_events: Option<String>,
     pub connect_dedup_ms: u64,
+    pub sinks: crate::sinks::SinksConfig,
 }
 
 pub const DEFAULT_KUBELET_DIR: &str = "/var/lib/kubelet";
@@ -158,6 +161,13 @@ impl RunArgs {
             }
             None => ConfigFile::default(),
         };
+        let mut sinks = file.sinks.unwrap_or_default();
+        // `--alerts` (or `alerts:`) names the JSON-lines output.
+        if let Some(path) = self.alerts.clone().or(file.alerts.clone()) {
+            let mut jsonl = sinks.jsonl.take().unwrap_or_default();
+            jsonl.path = path;
+            sinks.jsonl = Some(jsonl);
+        }
         let pick_vec = |cli: Vec<PathBuf>, cfg: Vec<PathBuf>| if cli.is_empty() { cfg } else { cli };
         Ok(RunSettings {
             policy: pick_vec(self.policy, file.policy),
@@ -176,6 +186,7 @@ impl RunArgs {
             deny_cgroup: pick_vec(self.deny_cgroup, file.deny_cgroup),
             debug_events: self.debug_events.or(file.debug_events),
             connect_dedup_ms: self.connect_dedup_ms.or(file.connect_dedup_ms).unwrap_or(1000),
+            sinks,
         })
     }
 }
@@ -196,6 +207,7 @@ mod tests {
         assert_eq!(s.alerts, "-");
         assert_eq!(s.connect_dedup_ms, 5);
         assert_eq!(s.kubelet_dir, PathBuf::from(DEFAULT_KUBELET_DIR));
+        assert_eq!(s.sinks.jsonl.as_ref().map(|j| j.path.as_str()), Some("-"));
 
         std::fs::write(&cfg, "mode: observe\nbogus: 1\n").unwrap();
         let err = RunArgs { config: Some(cfg.clone()), ..Default::default() }.resolve().unwrap_err();

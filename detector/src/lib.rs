@@ -13,6 +13,7 @@ pub mod aggregate;
 pub mod attribution;
 pub mod btf;
 pub mod cli;
+pub mod correlate;
 pub mod credentials;
 pub mod daemon;
 pub mod events;

@@ -1,0 +1,359 @@
+//! Correlation: kernel events x workload intents -> findings.
+//!
+//! The kernel already decided every connect (block / kill / flag) from the
+//! maps `policy` wrote; here we explain what happened (who, which
+//! credential, where to) and judge what the kernel cannot: readers, foreign
+//! credentials, and intents not (yet) in the kernel maps.
+//!
+//! Rules:
+//! 1. `foreign_credential`: a process obtains a credential owned by another
+//!    pod, or a host process (not a trusted node agent such as kubelet)
+//!    obtains a pod's credential. Always reported, with or without intents.
+//! 2. `unexpected_reader`: the workload's intent (declared or learned) does
+//!    not list the executable that obtained its credential.
+//! 3. `unexpected_destination`: a holder (first-hand or inherited from an
+//!    ancestor) connects outside its intent's destinations.
+
+use std::{collections::BTreeMap, net::IpAddr};
+
+use detector_common::{PolicyAction, Verdict};
+
+use crate::{
+    events::{Connect, CredentialAccess, Event},
+    finding::{Action, Credential, Destination, Finding, FindingKind, Process, Severity, Workload},
+    process::{exe_matches, ProcessTable},
+};
+
+/// What correlation knows about the cgroup an event came from.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WorkloadCtx {
+    pub workload: Workload,
+    pub service_account: Option<String>,
+    pub labels: BTreeMap<String, String>,
+}
+
+impl WorkloadCtx {
+    pub fn is_pod(&self) -> bool {
+        self.workload.pod_uid.is_some()
+    }
+}
+
+/// The intent that judges a workload.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IntentRef {
+    /// `namespace/name`, or `learned:<workload>` for learned profiles.
+    pub name: String,
+    pub action: PolicyAction,
+    /// Opaque handle for the judge's own lookups.
+    pub index: usize,
+}
+
+/// The questions correlation asks of an intent source (declared intents,
+/// learned profiles).
+pub trait Judge {
+    fn intent_for(&self, w: &WorkloadCtx) -> Option<IntentRef>;
+    fn allows_reader(&self, intent: &IntentRef, exe: &str) -> bool;
+    fn allows_destination(&self, intent: &IntentRef, ip: IpAddr, port: u16) -> bool;
+}
+
+/// Resolves ids carried by events.
+pub trait Lookup {
+    fn workload(&mut self, cgroup_id: u64) -> WorkloadCtx;
+    fn credential(&self, id: u32) -> Option<Credential>;
+    /// Wall-clock RFC 3339 time of a boot-time ns stamp.
+    fn wall_time(&self, boot_ns: u64) -> String;
+}
+
+pub struct Correlator {
+    pub processes: ProcessTable,
+    /// Host executables allowed to read any pod's credential (kubelet
+    /// compares old and new token contents when it rotates them).
+    pub trusted_host_readers: Vec<String>,
+    /// Observe mode: nothing was enforced, whatever the intent says.
+    pub observe_only: bool,
+}
+
+fn severity_of(kind: FindingKind) -> Severity {
+    match kind {
+        FindingKind::ForeignCredential => Severity::Critical,
+        FindingKind::UnexpectedReader | FindingKind::UnexpectedDestination => Severity::High,
+        FindingKind::StaleReuse => Severity::Medium,
+        FindingKind::CoverageDegraded => Severity::Medium,
+    }
+}
+
+fn action_of(v: Verdict) -> Action {
+    match v {
+        Verdict::Denied => Action::Blocked,
+        Verdict::Killed => Action::Killed,
+        Verdict::Allowed | Verdict::Flagged => Action::Alerted,
+    }
+}
+
+impl Correlator {
+    pub fn new(trusted_host_readers: Vec<String>, observe_only: bool) -> Self {
+        Correlator { processes: ProcessTable::default(), trusted_host_readers, observe_only }
+    }
+
+    /// Findings name the process (tgid), not the thread.
+    fn process(&mut self, tgid: u32, ppid: u32, comm: &str, uid: Option<u32>) -> Process {
+        let exe = self.processes.exe_of(tgid);
+        Process {
+            pid: tgid,
+            ppid: if ppid != 0 { ppid } else { self.processes.get(tgid).map(|p| p.ppid).unwrap_or(0) },
+            exe,
+            comm: comm.to_string(),
+            ancestry: self.processes.ancestry(tgid),
+            uid,
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn finding(
+        &self,
+        lk: &dyn Lookup,
+        time_ns: u64,
+        kind: FindingKind,
+        action: Action,
+        intent: Option<&IntentRef>,
+        w: &WorkloadCtx,
+        process: Process,
+        credential: Option<Credential>,
+        destination: Option<Destination>,
+    ) -> Finding {
+        let who = process.exe.clone().unwrap_or_else(|| process.comm.clone());
+        let place = match (&w.workload.namespace, &w.workload.pod, &w.workload.pod_uid) {
+            (Some(ns), Some(pod), _) => format!("pod {ns}/{pod}"),
+            (_, _, Some(uid)) => format!("pod {uid}"),
+            _ => format!("host cgroup {}", w.workload.cgroup_path.as_deref().unwrap_or("?")),
+        };
+        let message = match kind {
+            FindingKind::UnexpectedReader => format!("{who} in {place} obtained credential {} not expected by its intent", credential.as_ref().map(|c| c.path.as_str()).unwrap_or("?")),
+            FindingKind::UnexpectedDestination => format!(
+                "{who} in {place} holds credential {} and connected to {} outside its intent ({})",
+                credential.as_ref().map(|c| c.path.as_str()).unwrap_or("?"),
+                destination.as_ref().map(|d| format!("{}:{}/{}", d.ip, d.port, d.protocol)).unwrap_or_default(),
+                match action { Action::Alerted => "alerted", Action::Blocked => "blocked", Action::Killed => "killed" },
+            ),
+            FindingKind::ForeignCredential => format!(
+                "{who} in {place} obtained credential {} owned by pod {}",
+                credential.as_ref().map(|c| c.path.as_str()).unwrap_or("?"),
+                credential.as_ref().and_then(|c| c.owner_pod_uid.clone()).unwrap_or_default()
+            ),
+            FindingKind::StaleReuse | FindingKind::CoverageDegraded => kind.as_str().to_string(),
+        };
+        Finding {
+            time: lk.wall_time(time_ns),
+            kind,
+            severity: severity_of(kind),
+            action,
+            intent: intent.map(|i| i.name.clone()),
+            workload: w.workload.clone(),
+            process,
+            credential,
+            destination,
+            mitre: kind.mitre().iter().map(|s| s.to_string()).collect(),
+            count: 1,
+            message,
+        }
+    }
+
+    /// Judge one event. `judges` are consulted in order (declared intents
+    /// first, then learned profiles); the first with an intent decides.
+    pub fn on_event(&mut self, ev: &Event, lk: &mut dyn Lookup, judges: &[&dyn Judge]) -> Vec<Finding> {
+        self.processes.observe(ev);
+        match ev {
+            Event::CredentialAccess(a) => self.on_access(a, lk, judges),
+            Event::Connect(c) if c.holder_credential != 0 => self.on_holder_connect(c, lk, judges),
+            _ => Vec::new(),
+        }
+    }
+
+    fn on_access(&mut self, a: &CredentialAccess, lk: &mut dyn Lookup, judges: &[&dyn Judge]) -> Vec<Finding> {
+        if !a.readable {
+            return Vec::new(); // kubelet writing a rotated token, not a read
+        }
+        let Some(cred) = lk.credential(a.credential_id) else { return Vec::new() };
+        let w = lk.workload(a.common.cgroup_id);
+        let process = self.process(a.common.tgid, a.ppid, &a.comm, Some(a.uid));
+        let exe = process.exe.clone().unwrap_or_default();
+        let mut out = Vec::new();
+
+        if let Some(owner) = &cred.owner_pod_uid {
+            let foreign = match &w.workload.pod_uid {
+                Some(uid) => uid != owner,
+                None => !exe_matches(&exe, &self.trusted_host_readers),
+            };
+            if foreign {
+                out.push(self.finding(&*lk, a.common.time_ns, FindingKind::ForeignCredential, Action::Alerted, None, &w, process, Some(cred), None));
+                return out;
+            }
+        }
+        if let Some((judge, intent)) = judges.iter().find_map(|j| j.intent_for(&w).map(|i| (j, i))) {
+            if !judge.allows_reader(&intent, &exe) {
+                out.push(self.finding(&*lk, a.common.time_ns, FindingKind::UnexpectedReader, Action::Alerted, Some(&intent), &w, process, Some(cred), None));
+            }
+        }
+        out
+    }
+
+    fn on_holder_connect(&mut self, c: &Connect, lk: &mut dyn Lookup, judges: &[&dyn Judge]) -> Vec<Finding> {
+        let w = lk.workload(c.common.cgroup_id);
+        let cred = lk.credential(c.holder_credential);
+        let intent = judges.iter().find_map(|j| j.intent_for(&w).map(|i| (j, i)));
+        let destination = Destination { ip: c.addr, port: c.port, protocol: c.protocol.as_str().to_string() };
+        let kernel_judged = c.reason == "unexpected_destination";
+        let outside = match &intent {
+            _ if kernel_judged => true,
+            Some((judge, i)) => !judge.allows_destination(i, c.addr, c.port),
+            None => false,
+        };
+        if !outside && c.verdict_typed == Verdict::Allowed {
+            return Vec::new();
+        }
+        // Deny-list verdicts (manual quarantine) are reported as such too.
+        let kind = FindingKind::UnexpectedDestination;
+        let action = if self.observe_only { Action::Alerted } else { action_of(c.verdict_typed) };
+        let process = self.process(c.common.tgid, 0, &c.comm, None);
+        let intent_ref = intent.map(|(_, i)| i);
+        vec![self.finding(&*lk, c.common.time_ns, kind, action, intent_ref.as_ref(), &w, process, cred, Some(destination))]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::{Common, Exec, Protocol};
+
+    struct Fixed {
+        workloads: BTreeMap<u64, WorkloadCtx>,
+        creds: BTreeMap<u32, Credential>,
+    }
+
+    impl Lookup for Fixed {
+        fn workload(&mut self, cgroup_id: u64) -> WorkloadCtx {
+            self.workloads.get(&cgroup_id).cloned().unwrap_or_else(|| WorkloadCtx {
+                workload: Workload { cgroup_id, ..Default::default() },
+                ..Default::default()
+            })
+        }
+        fn credential(&self, id: u32) -> Option<Credential> {
+            self.creds.get(&id).cloned()
+        }
+        fn wall_time(&self, _: u64) -> String {
+            "2026-11-23T10:00:00.000Z".into()
+        }
+    }
+
+    struct OneIntent;
+    impl Judge for OneIntent {
+        fn intent_for(&self, w: &WorkloadCtx) -> Option<IntentRef> {
+            (w.workload.pod_uid.as_deref() == Some("pod-a")).then(|| IntentRef { name: "ns/a".into(), action: PolicyAction::Block, index: 0 })
+        }
+        fn allows_reader(&self, _: &IntentRef, exe: &str) -> bool {
+            exe == "/app/server"
+        }
+        fn allows_destination(&self, _: &IntentRef, ip: IpAddr, port: u16) -> bool {
+            ip == IpAddr::from([10, 96, 0, 1]) && port == 443
+        }
+    }
+
+    fn fixture() -> Fixed {
+        let pod = |uid: &str, id: u64| WorkloadCtx {
+            workload: Workload { pod_uid: Some(uid.into()), cgroup_id: id, ..Default::default() },
+            ..Default::default()
+        };
+        Fixed {
+            workloads: [(1, pod("pod-a", 1)), (2, pod("pod-b", 2))].into_iter().collect(),
+            creds: [(7, Credential { kind: "kubernetes-serviceaccount".into(), path: "/t".into(), owner_pod_uid: Some("pod-a".into()), inode: 1, dev: 1 })]
+                .into_iter()
+                .collect(),
+        }
+    }
+
+    fn common(tgid: u32, cg: u64) -> Common {
+        Common { time_ns: 1, pid: tgid, tgid, cgroup_id: cg }
+    }
+
+    fn exec(c: &mut Correlator, tgid: u32, cg: u64, exe: &str) {
+        let ev = Event::Exec(Exec { common: common(tgid, cg), ppid: 1, uid: 0, comm: "x".into(), filename: exe.into(), holder_credential: 0 });
+        c.on_event(&ev, &mut fixture(), &[]);
+    }
+
+    fn access(tgid: u32, cg: u64) -> Event {
+        Event::CredentialAccess(CredentialAccess {
+            common: common(tgid, cg),
+            ppid: 1,
+            uid: 0,
+            gid: 0,
+            comm: "x".into(),
+            credential_id: 7,
+            dev: 1,
+            ino: 1,
+            route: "openat",
+            fd: 3,
+            readable: true,
+            writable: false,
+        })
+    }
+
+    fn connect(tgid: u32, cg: u64, ip: [u8; 4], port: u16, verdict: Verdict, reason: &'static str) -> Event {
+        Event::Connect(Connect {
+            common: common(tgid, cg),
+            comm: "x".into(),
+            addr: IpAddr::from(ip),
+            port,
+            protocol: Protocol::Tcp,
+            hook: "connect4",
+            verdict: crate::events::verdict_name(verdict),
+            reason,
+            holder_credential: 7,
+            verdict_typed: verdict,
+        })
+    }
+
+    #[test]
+    fn expected_reader_and_destination_are_quiet() {
+        let mut c = Correlator::new(vec![], false);
+        exec(&mut c, 100, 1, "/app/server");
+        assert!(c.on_event(&access(100, 1), &mut fixture(), &[&OneIntent]).is_empty());
+        let ok = connect(100, 1, [10, 96, 0, 1], 443, Verdict::Allowed, "allowed_destination");
+        assert!(c.on_event(&ok, &mut fixture(), &[&OneIntent]).is_empty());
+    }
+
+    #[test]
+    fn shell_reader_and_blocked_destination_are_findings() {
+        let mut c = Correlator::new(vec![], false);
+        exec(&mut c, 101, 1, "/bin/sh");
+        let f = c.on_event(&access(101, 1), &mut fixture(), &[&OneIntent]);
+        assert_eq!(f.len(), 1);
+        assert_eq!((f[0].kind, f[0].process.exe.as_deref(), f[0].intent.as_deref()), (FindingKind::UnexpectedReader, Some("/bin/sh"), Some("ns/a")));
+        let blocked = connect(101, 1, [169, 254, 1, 1], 8080, Verdict::Denied, "unexpected_destination");
+        let f = c.on_event(&blocked, &mut fixture(), &[&OneIntent]);
+        assert_eq!((f[0].kind, f[0].action), (FindingKind::UnexpectedDestination, Action::Blocked));
+        assert_eq!(f[0].destination.as_ref().unwrap().port, 8080);
+        let mut observe = Correlator::new(vec![], true);
+        let f = observe.on_event(&connect(101, 1, [169, 254, 1, 1], 8080, Verdict::Flagged, "unexpected_destination"), &mut fixture(), &[&OneIntent]);
+        assert_eq!(f[0].action, Action::Alerted);
+    }
+
+    #[test]
+    fn userspace_judges_what_the_kernel_did_not() {
+        // No kernel policy yet (reason none), but the intent forbids it.
+        let mut c = Correlator::new(vec![], false);
+        let f = c.on_event(&connect(102, 1, [1, 2, 3, 4], 80, Verdict::Allowed, "none"), &mut fixture(), &[&OneIntent]);
+        assert_eq!((f[0].kind, f[0].action), (FindingKind::UnexpectedDestination, Action::Alerted));
+    }
+
+    #[test]
+    fn foreign_credentials() {
+        let mut c = Correlator::new(vec!["/usr/bin/kubelet".into()], false);
+        exec(&mut c, 103, 2, "/app/server");
+        let f = c.on_event(&access(103, 2), &mut fixture(), &[&OneIntent]);
+        assert_eq!(f[0].kind, FindingKind::ForeignCredential, "pod b reading pod a's token");
+        exec(&mut c, 104, 99, "/usr/bin/cat");
+        assert_eq!(c.on_event(&access(104, 99), &mut fixture(), &[])[0].kind, FindingKind::ForeignCredential, "host process");
+        exec(&mut c, 105, 99, "/usr/bin/kubelet");
+        assert!(c.on_event(&access(105, 99), &mut fixture(), &[]).is_empty(), "kubelet is trusted");
+    }
+}
