@@ -765,6 +765,12 @@ mod tests {
     }
 
     #[test]
+    fn sink_set_is_shareable() {
+        fn send_sync<T: Send + Sync + 'static>() {}
+        send_sync::<SinkSet>();
+    }
+
+    #[test]
     fn backoff_grows_with_jitter_and_caps() {
         let (i, m) = (Duration::from_millis(100), Duration::from_secs(5));
         for a in 0..40 {
