@@ -19,6 +19,7 @@ pub mod daemon;
 pub mod events;
 pub mod finding;
 pub mod inventory;
+pub mod learn;
 pub mod loader;
 pub mod observe;
 pub mod policy;
