@@ -21,6 +21,7 @@ use detector_common::{PolicyAction, Verdict};
 use crate::{
     events::{Connect, CredentialAccess, Event},
     finding::{Action, Credential, Destination, Finding, FindingKind, Process, Severity, Workload},
+    learn::Learner,
     process::{exe_matches, ProcessTable},
 };
 
@@ -54,6 +55,21 @@ pub trait Judge {
     fn intent_for(&self, w: &WorkloadCtx) -> Option<IntentRef>;
     fn allows_reader(&self, intent: &IntentRef, exe: &str) -> bool;
     fn allows_destination(&self, intent: &IntentRef, ip: IpAddr, port: u16) -> bool;
+}
+
+/// No declared intents.
+pub struct NoIntents;
+
+impl Judge for NoIntents {
+    fn intent_for(&self, _: &WorkloadCtx) -> Option<IntentRef> {
+        None
+    }
+    fn allows_reader(&self, _: &IntentRef, _: &str) -> bool {
+        true
+    }
+    fn allows_destination(&self, _: &IntentRef, _: IpAddr, _: u16) -> bool {
+        true
+    }
 }
 
 /// Resolves ids carried by events.
@@ -158,18 +174,19 @@ impl Correlator {
         }
     }
 
-    /// Judge one event. `judges` are consulted in order (declared intents
-    /// first, then learned profiles); the first with an intent decides.
-    pub fn on_event(&mut self, ev: &Event, lk: &mut dyn Lookup, judges: &[&dyn Judge]) -> Vec<Finding> {
+    /// Judge one event. A declared intent decides when one selects the
+    /// workload; otherwise the learner learns (quietly, during its window)
+    /// or judges with what it learned.
+    pub fn on_event(&mut self, ev: &Event, lk: &mut dyn Lookup, declared: &dyn Judge, learner: Option<&mut Learner>) -> Vec<Finding> {
         self.processes.observe(ev);
         match ev {
-            Event::CredentialAccess(a) => self.on_access(a, lk, judges),
-            Event::Connect(c) if c.holder_credential != 0 => self.on_holder_connect(c, lk, judges),
+            Event::CredentialAccess(a) => self.on_access(a, lk, declared, learner),
+            Event::Connect(c) if c.holder_credential != 0 => self.on_holder_connect(c, lk, declared, learner),
             _ => Vec::new(),
         }
     }
 
-    fn on_access(&mut self, a: &CredentialAccess, lk: &mut dyn Lookup, judges: &[&dyn Judge]) -> Vec<Finding> {
+    fn on_access(&mut self, a: &CredentialAccess, lk: &mut dyn Lookup, declared: &dyn Judge, learner: Option<&mut Learner>) -> Vec<Finding> {
         if !a.readable {
             return Vec::new(); // kubelet writing a rotated token, not a read
         }
@@ -189,25 +206,37 @@ impl Correlator {
                 return out;
             }
         }
-        if let Some((judge, intent)) = judges.iter().find_map(|j| j.intent_for(&w).map(|i| (j, i))) {
-            if !judge.allows_reader(&intent, &exe) {
-                out.push(self.finding(&*lk, a.common.time_ns, FindingKind::UnexpectedReader, Action::Alerted, Some(&intent), &w, process, Some(cred), None));
-            }
+        let verdict = match declared.intent_for(&w) {
+            Some(i) => Some((declared.allows_reader(&i, &exe), i)),
+            None => learner.and_then(|l| {
+                if l.observe_reader(&w, &exe, a.common.time_ns) {
+                    return None; // still learning
+                }
+                l.intent_for(&w).map(|i| (l.allows_reader(&i, &exe), i))
+            }),
+        };
+        if let Some((false, intent)) = verdict {
+            out.push(self.finding(&*lk, a.common.time_ns, FindingKind::UnexpectedReader, Action::Alerted, Some(&intent), &w, process, Some(cred), None));
         }
         out
     }
 
-    fn on_holder_connect(&mut self, c: &Connect, lk: &mut dyn Lookup, judges: &[&dyn Judge]) -> Vec<Finding> {
+    fn on_holder_connect(&mut self, c: &Connect, lk: &mut dyn Lookup, declared: &dyn Judge, learner: Option<&mut Learner>) -> Vec<Finding> {
         let w = lk.workload(c.common.cgroup_id);
         let cred = lk.credential(c.holder_credential);
-        let intent = judges.iter().find_map(|j| j.intent_for(&w).map(|i| (j, i)));
         let destination = Destination { ip: c.addr, port: c.port, protocol: c.protocol.as_str().to_string() };
-        let kernel_judged = c.reason == "unexpected_destination";
-        let outside = match &intent {
-            _ if kernel_judged => true,
-            Some((judge, i)) => !judge.allows_destination(i, c.addr, c.port),
-            None => false,
+        let judged = match declared.intent_for(&w) {
+            Some(i) => Some((declared.allows_destination(&i, c.addr, c.port), i)),
+            None => learner.and_then(|l| {
+                if l.observe_destination(&w, c.addr, c.port, c.common.time_ns) {
+                    return None; // still learning
+                }
+                l.intent_for(&w).map(|i| (l.allows_destination(&i, c.addr, c.port), i))
+            }),
         };
+        let kernel_judged = c.reason == "unexpected_destination";
+        let outside = kernel_judged || matches!(judged, Some((false, _)));
+        let intent = judged.map(|(_, i)| i);
         if !outside && c.verdict_typed == Verdict::Allowed {
             return Vec::new();
         }
@@ -215,8 +244,7 @@ impl Correlator {
         let kind = FindingKind::UnexpectedDestination;
         let action = if self.observe_only { Action::Alerted } else { action_of(c.verdict_typed) };
         let process = self.process(c.common.tgid, 0, &c.comm, None);
-        let intent_ref = intent.map(|(_, i)| i);
-        vec![self.finding(&*lk, c.common.time_ns, kind, action, intent_ref.as_ref(), &w, process, cred, Some(destination))]
+        vec![self.finding(&*lk, c.common.time_ns, kind, action, intent.as_ref(), &w, process, cred, Some(destination))]
     }
 }
 
@@ -277,7 +305,7 @@ mod tests {
 
     fn exec(c: &mut Correlator, tgid: u32, cg: u64, exe: &str) {
         let ev = Event::Exec(Exec { common: common(tgid, cg), ppid: 1, uid: 0, comm: "x".into(), filename: exe.into(), holder_credential: 0 });
-        c.on_event(&ev, &mut fixture(), &[]);
+        c.on_event(&ev, &mut fixture(), &NoIntents, None);
     }
 
     fn access(tgid: u32, cg: u64) -> Event {
@@ -316,24 +344,24 @@ mod tests {
     fn expected_reader_and_destination_are_quiet() {
         let mut c = Correlator::new(vec![], false);
         exec(&mut c, 100, 1, "/app/server");
-        assert!(c.on_event(&access(100, 1), &mut fixture(), &[&OneIntent]).is_empty());
+        assert!(c.on_event(&access(100, 1), &mut fixture(), &OneIntent, None).is_empty());
         let ok = connect(100, 1, [10, 96, 0, 1], 443, Verdict::Allowed, "allowed_destination");
-        assert!(c.on_event(&ok, &mut fixture(), &[&OneIntent]).is_empty());
+        assert!(c.on_event(&ok, &mut fixture(), &OneIntent, None).is_empty());
     }
 
     #[test]
     fn shell_reader_and_blocked_destination_are_findings() {
         let mut c = Correlator::new(vec![], false);
         exec(&mut c, 101, 1, "/bin/sh");
-        let f = c.on_event(&access(101, 1), &mut fixture(), &[&OneIntent]);
+        let f = c.on_event(&access(101, 1), &mut fixture(), &OneIntent, None);
         assert_eq!(f.len(), 1);
         assert_eq!((f[0].kind, f[0].process.exe.as_deref(), f[0].intent.as_deref()), (FindingKind::UnexpectedReader, Some("/bin/sh"), Some("ns/a")));
         let blocked = connect(101, 1, [169, 254, 1, 1], 8080, Verdict::Denied, "unexpected_destination");
-        let f = c.on_event(&blocked, &mut fixture(), &[&OneIntent]);
+        let f = c.on_event(&blocked, &mut fixture(), &OneIntent, None);
         assert_eq!((f[0].kind, f[0].action), (FindingKind::UnexpectedDestination, Action::Blocked));
         assert_eq!(f[0].destination.as_ref().unwrap().port, 8080);
         let mut observe = Correlator::new(vec![], true);
-        let f = observe.on_event(&connect(101, 1, [169, 254, 1, 1], 8080, Verdict::Flagged, "unexpected_destination"), &mut fixture(), &[&OneIntent]);
+        let f = observe.on_event(&connect(101, 1, [169, 254, 1, 1], 8080, Verdict::Flagged, "unexpected_destination"), &mut fixture(), &OneIntent, None);
         assert_eq!(f[0].action, Action::Alerted);
     }
 
@@ -341,7 +369,7 @@ mod tests {
     fn userspace_judges_what_the_kernel_did_not() {
         // No kernel policy yet (reason none), but the intent forbids it.
         let mut c = Correlator::new(vec![], false);
-        let f = c.on_event(&connect(102, 1, [1, 2, 3, 4], 80, Verdict::Allowed, "none"), &mut fixture(), &[&OneIntent]);
+        let f = c.on_event(&connect(102, 1, [1, 2, 3, 4], 80, Verdict::Allowed, "none"), &mut fixture(), &OneIntent, None);
         assert_eq!((f[0].kind, f[0].action), (FindingKind::UnexpectedDestination, Action::Alerted));
     }
 
@@ -349,11 +377,27 @@ mod tests {
     fn foreign_credentials() {
         let mut c = Correlator::new(vec!["/usr/bin/kubelet".into()], false);
         exec(&mut c, 103, 2, "/app/server");
-        let f = c.on_event(&access(103, 2), &mut fixture(), &[&OneIntent]);
+        let f = c.on_event(&access(103, 2), &mut fixture(), &OneIntent, None);
         assert_eq!(f[0].kind, FindingKind::ForeignCredential, "pod b reading pod a's token");
         exec(&mut c, 104, 99, "/usr/bin/cat");
-        assert_eq!(c.on_event(&access(104, 99), &mut fixture(), &[])[0].kind, FindingKind::ForeignCredential, "host process");
+        assert_eq!(c.on_event(&access(104, 99), &mut fixture(), &NoIntents, None)[0].kind, FindingKind::ForeignCredential, "host process");
         exec(&mut c, 105, 99, "/usr/bin/kubelet");
-        assert!(c.on_event(&access(105, 99), &mut fixture(), &[]).is_empty(), "kubelet is trusted");
+        assert!(c.on_event(&access(105, 99), &mut fixture(), &NoIntents, None).is_empty(), "kubelet is trusted");
+    }
+
+    #[test]
+    fn learner_is_quiet_while_learning_and_judges_after() {
+        let mut c = Correlator::new(vec![], false);
+        exec(&mut c, 106, 1, "/app/server");
+        let mut learning = Learner::new(u64::MAX);
+        assert!(c.on_event(&access(106, 1), &mut fixture(), &NoIntents, Some(&mut learning)).is_empty());
+        let to = connect(106, 1, [1, 1, 1, 1], 53, Verdict::Allowed, "none");
+        assert!(c.on_event(&to, &mut fixture(), &NoIntents, Some(&mut learning)).is_empty());
+        // A learner whose window is over judges: nothing was learned, so the
+        // reader is unexpected (an attacker arriving after the window).
+        let mut done = Learner::new(0);
+        let f = c.on_event(&access(106, 1), &mut fixture(), &NoIntents, Some(&mut done));
+        assert_eq!(f[0].kind, FindingKind::UnexpectedReader);
+        assert!(f[0].intent.as_deref().unwrap().starts_with("learned:"));
     }
 }
