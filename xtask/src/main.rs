@@ -199,18 +199,42 @@ fn test(args: Vec<OsString>) -> Result<ExitCode> {
         bin.display(),
         shell_words(&args)
     );
-    let status = Command::new("cargo")
+    let mut child = Command::new("cargo")
         .args(["test", "--release"])
         .args(&args)
         .env("DETECTOR_BIN", &bin)
         .current_dir(&root)
-        .status()
+        .stdout(std::process::Stdio::piped())
+        .spawn()
         .context("starting cargo test")?;
-    if status.success() {
-        println!("xtask: tests passed");
-        Ok(ExitCode::SUCCESS)
-    } else {
-        eprintln!("xtask: tests FAILED ({status})");
-        Ok(ExitCode::FAILURE)
+    // Echo cargo's output and add up every binary's `test result:` line, so
+    // the run ends with one plain total (the last binaries are often empty
+    // doc-test runs whose "0 passed" would otherwise close the log).
+    let (mut passed, mut failed, mut ignored) = (0u64, 0u64, 0u64);
+    if let Some(out) = child.stdout.take() {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            println!("{line}");
+            if let Some(rest) = line.strip_prefix("test result: ") {
+                for part in rest.split(';') {
+                    let mut w = part.split_whitespace().rev();
+                    let (Some(what), Some(n)) = (w.next(), w.next()) else { continue };
+                    let n: u64 = n.parse().unwrap_or(0);
+                    match what {
+                        "passed" => passed += n,
+                        "failed" => failed += n,
+                        "ignored" => ignored += n,
+                        _ => {}
+                    }
+                }
+            }
+        }
     }
+    let status = child.wait().context("waiting for cargo test")?;
+    if !status.success() {
+        eprintln!("xtask: tests FAILED ({status})");
+    }
+    // Last line of the run: the plain total CI reads.
+    println!("total: {passed} passed, {failed} failed, {ignored} skipped");
+    Ok(if status.success() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
