@@ -1,7 +1,7 @@
 //! Command line (the contract in ../shared/DESIGN.md) and the config file
 //! that can set every `run` flag.
 
-use std::{net::SocketAddr, path::PathBuf};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -105,6 +105,21 @@ pub struct RunArgs {
     /// many milliseconds; 0 reports every connect. Holders are always reported.
     #[arg(long)]
     pub connect_dedup_ms: Option<u64>,
+    /// Workloads with no declared intent: learn their readers and
+    /// destinations for this long after first seeing them, then report
+    /// deviations [default: 10m]. `0s` judges at once (everything is new).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub learn_window: Option<Duration>,
+    /// Write the learned intents (WorkloadIntent YAML) here at exit.
+    #[arg(long)]
+    pub learn_output: Option<PathBuf>,
+    /// Fold repeated identical findings for this long [default: 60s].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub aggregate_window: Option<Duration>,
+    /// Host executables allowed to read any pod's credential
+    /// [default: kubelet in /usr/bin, /usr/local/bin].
+    #[arg(long = "trusted-host-reader")]
+    pub trusted_host_reader: Vec<String>,
 }
 
 /// The config file's shape: the `run` flags.
@@ -125,6 +140,13 @@ pub struct ConfigFile {
     pub debug_events: Option<String>,
     pub connect_dedup_ms: Option<u64>,
     pub log_format: Option<LogFormat>,
+    #[serde(default, with = "humantime_serde")]
+    pub learn_window: Option<Duration>,
+    pub learn_output: Option<PathBuf>,
+    #[serde(default, with = "humantime_serde")]
+    pub aggregate_window: Option<Duration>,
+    #[serde(default)]
+    pub trusted_host_reader: Vec<String>,
     /// Finding outputs (JSON lines, webhook, syslog, OCSF); see `sinks`.
     pub sinks: Option<crate::sinks::SinksConfig>,
 }
@@ -143,6 +165,10 @@ pub struct RunSettings {
     pub debug_events: Option<String>,
     pub connect_dedup_ms: u64,
     pub sinks: crate::sinks::SinksConfig,
+    pub learn_window: Duration,
+    pub learn_output: Option<PathBuf>,
+    pub aggregate_window: Duration,
+    pub trusted_host_readers: Vec<String>,
 }
 
 pub const DEFAULT_KUBELET_DIR: &str = "/var/lib/kubelet";
@@ -187,6 +213,13 @@ impl RunArgs {
             debug_events: self.debug_events.or(file.debug_events),
             connect_dedup_ms: self.connect_dedup_ms.or(file.connect_dedup_ms).unwrap_or(1000),
             sinks,
+            learn_window: self.learn_window.or(file.learn_window).unwrap_or(Duration::from_secs(600)),
+            learn_output: self.learn_output.or(file.learn_output),
+            aggregate_window: self.aggregate_window.or(file.aggregate_window).unwrap_or(Duration::from_secs(60)),
+            trusted_host_readers: {
+                let v = if self.trusted_host_reader.is_empty() { file.trusted_host_reader } else { self.trusted_host_reader };
+                if v.is_empty() { vec!["/usr/bin/kubelet".into(), "/usr/local/bin/kubelet".into()] } else { v }
+            },
         })
     }
 }

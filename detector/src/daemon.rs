@@ -21,14 +21,55 @@ use tokio::{
 use tracing::{debug, error, info, warn};
 
 use crate::{
+    aggregate::Aggregator,
     btf::Btf,
     cli::{Mode, RunSettings},
+    correlate::{Correlator, Judge, Lookup, NoIntents, WorkloadCtx},
     credentials::{kernel_value, key_of, CredentialTable},
     events::{decode, Event},
-    finding::Credential,
+    finding::{Action, Credential, Finding, Workload},
+    learn::Learner,
     loader::{find_cgroup2_root, SensorConfig, Sensors},
     observe::{self, Metrics, Readiness},
+    sinks::SinkSet,
 };
+
+/// Wall-clock (realtime) ns minus boot-time ns, to date kernel events.
+fn boot_to_wall_offset_ns() -> i128 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    unsafe { libc::clock_gettime(libc::CLOCK_REALTIME, &mut ts) };
+    let wall = ts.tv_sec as i128 * 1_000_000_000 + ts.tv_nsec as i128;
+    wall - boottime_ns() as i128
+}
+
+/// RFC 3339 UTC with milliseconds.
+pub fn rfc3339_ms(wall_ns: i128) -> String {
+    let secs = wall_ns.div_euclid(1_000_000_000) as i64;
+    let nanos = wall_ns.rem_euclid(1_000_000_000) as u32;
+    chrono::DateTime::from_timestamp(secs, nanos)
+        .map(|t| t.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string())
+        .unwrap_or_default()
+}
+
+/// Resolves what events carry (cgroup ids, credential ids) for correlation.
+struct Resolver<'a> {
+    credentials: &'a CredentialTable,
+    wall_offset_ns: i128,
+}
+
+impl Lookup for Resolver<'_> {
+    fn workload(&mut self, cgroup_id: u64) -> WorkloadCtx {
+        WorkloadCtx { workload: Workload { cgroup_id, ..Default::default() }, ..Default::default() }
+    }
+
+    fn credential(&self, id: u32) -> Option<Credential> {
+        self.credentials.by_id(id).map(|w| w.meta.clone())
+    }
+
+    fn wall_time(&self, boot_ns: u64) -> String {
+        rfc3339_ms(boot_ns as i128 + self.wall_offset_ns)
+    }
+}
 
 /// Boot-time clock in ns: the clock the kernel stamps events with.
 pub fn boottime_ns() -> u64 {
@@ -57,6 +98,12 @@ struct Pipeline {
     debug_out: Option<Box<dyn Write + Send>>,
     credentials: CredentialTable,
     lost_seen: Vec<u64>,
+    correlator: Correlator,
+    learner: Learner,
+    declared: Box<dyn Judge + Send>,
+    aggregator: Aggregator,
+    sinks: SinkSet,
+    wall_offset_ns: i128,
 }
 
 impl Pipeline {
@@ -88,6 +135,32 @@ impl Pipeline {
                 warn!(error = %e, "writing debug events failed; disabling the debug stream");
                 self.debug_out = None;
             }
+        }
+        let mut resolver = Resolver { credentials: &self.credentials, wall_offset_ns: self.wall_offset_ns };
+        let findings = self.correlator.on_event(&event, &mut resolver, self.declared.as_ref(), Some(&mut self.learner));
+        for f in findings {
+            if let Some(f) = self.aggregator.offer(f, t) {
+                self.emit(&f);
+            }
+        }
+    }
+
+    fn emit(&self, f: &Finding) {
+        let action = match f.action {
+            Action::Alerted => "alerted",
+            Action::Blocked => "blocked",
+            Action::Killed => "killed",
+        };
+        let ns = f.workload.namespace.as_deref().unwrap_or("");
+        self.metrics.findings.with_label_values(&[f.kind.as_str(), action, ns]).inc_by(f.count.max(1));
+        self.sinks.emit(f);
+    }
+
+    fn flush_aggregates(&mut self, all: bool) {
+        let now = boottime_ns();
+        let due = if all { self.aggregator.flush_all() } else { self.aggregator.flush_due(now) };
+        for f in due {
+            self.emit(&f);
         }
     }
 
@@ -189,7 +262,21 @@ pub async fn run(settings: RunSettings) -> Result<()> {
         Some(spec) => Some(open_output(spec)?),
         None => None,
     };
-    let mut pipeline = Pipeline { metrics: metrics.clone(), debug_out, credentials: table, lost_seen: Vec::new() };
+    let sinks = SinkSet::new(&settings.sinks, &metrics.registry).context("starting the finding sinks")?;
+    let mut correlator = Correlator::new(settings.trusted_host_readers.clone(), settings.mode == Mode::Observe);
+    correlator.processes.seed_from_proc();
+    let mut pipeline = Pipeline {
+        metrics: metrics.clone(),
+        debug_out,
+        credentials: table,
+        lost_seen: Vec::new(),
+        correlator,
+        learner: Learner::new(settings.learn_window.as_nanos() as u64),
+        declared: Box::new(NoIntents),
+        aggregator: Aggregator::new(settings.aggregate_window.as_nanos() as u64),
+        sinks,
+        wall_offset_ns: boot_to_wall_offset_ns(),
+    };
 
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
@@ -208,7 +295,10 @@ pub async fn run(settings: RunSettings) -> Result<()> {
                 guard.clear_ready();
             }
             _ = poll.tick() => drain(ring.get_mut(), &mut pipeline),
-            _ = stats.tick() => pipeline.refresh_stats(&sensors),
+            _ = stats.tick() => {
+                pipeline.refresh_stats(&sensors);
+                pipeline.flush_aggregates(false);
+            }
             _ = sigterm.recv() => { info!("SIGTERM: detaching"); break; }
             _ = sigint.recv() => { info!("SIGINT: detaching"); break; }
         }
@@ -217,8 +307,22 @@ pub async fn run(settings: RunSettings) -> Result<()> {
     readiness.probes.store(false, Ordering::Release);
     drop(ring);
     drop(sensors);
-    info!("all kernel programs detached; bye");
+    info!("all kernel programs detached");
+    pipeline.flush_aggregates(true);
+    if let Some(path) = &settings.learn_output {
+        write_learned(&pipeline.learner, path);
+    }
+    let Pipeline { sinks, .. } = pipeline;
+    sinks.shutdown(Duration::from_secs(5)).await;
+    info!("bye");
     Ok(())
+}
+
+fn write_learned(learner: &Learner, path: &Path) {
+    match std::fs::write(path, learner.to_yaml()) {
+        Ok(()) => info!(path = %path.display(), workloads = learner.len(), "learned intents written"),
+        Err(e) => error!(path = %path.display(), error = %e, "cannot write learned intents"),
+    }
 }
 
 fn drain(ring: &mut aya::maps::RingBuf<aya::maps::MapData>, pipeline: &mut Pipeline) {
