@@ -13,7 +13,7 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use detector_common::{DenyRule, EventKind, PolicyAction};
+use detector_common::{kernel_dev_from_user, CredentialKey, DenyRule, EventKind, PolicyAction};
 use tokio::{
     io::unix::AsyncFd,
     signal::unix::{signal, SignalKind},
@@ -22,10 +22,12 @@ use tracing::{debug, error, info, warn};
 
 use crate::{
     aggregate::Aggregator,
+    attribution::{cri::CriHandle, Attributor},
+    inventory::{spawn_watcher, InventoryConfig, InventoryUpdate},
     btf::Btf,
     cli::{Mode, RunSettings},
     correlate::{Correlator, Judge, Lookup, NoIntents, WorkloadCtx},
-    credentials::{kernel_value, key_of, CredentialTable},
+    credentials::{kernel_value, CredentialTable},
     events::{decode, Event},
     finding::{Action, Credential, Finding, Workload},
     learn::Learner,
@@ -54,12 +56,16 @@ pub fn rfc3339_ms(wall_ns: i128) -> String {
 /// Resolves what events carry (cgroup ids, credential ids) for correlation.
 struct Resolver<'a> {
     credentials: &'a CredentialTable,
+    attribution: &'a mut Attributor,
     wall_offset_ns: i128,
 }
 
 impl Lookup for Resolver<'_> {
     fn workload(&mut self, cgroup_id: u64) -> WorkloadCtx {
-        WorkloadCtx { workload: Workload { cgroup_id, ..Default::default() }, ..Default::default() }
+        match self.attribution.resolve(cgroup_id) {
+            Some(info) => WorkloadCtx { workload: info.to_workload(), service_account: None, labels: info.labels.clone() },
+            None => WorkloadCtx { workload: Workload { cgroup_id, ..Default::default() }, ..Default::default() },
+        }
     }
 
     fn credential(&self, id: u32) -> Option<Credential> {
@@ -101,6 +107,7 @@ struct Pipeline {
     correlator: Correlator,
     learner: Learner,
     declared: Box<dyn Judge + Send>,
+    attribution: Attributor,
     aggregator: Aggregator,
     sinks: SinkSet,
     wall_offset_ns: i128,
@@ -136,7 +143,12 @@ impl Pipeline {
                 self.debug_out = None;
             }
         }
-        let mut resolver = Resolver { credentials: &self.credentials, wall_offset_ns: self.wall_offset_ns };
+        match &event {
+            Event::CgroupMkdir(c) => self.attribution.observe_mkdir(c.id, &c.path),
+            Event::CgroupRmdir(c) => self.attribution.observe_rmdir(c.id),
+            _ => {}
+        }
+        let mut resolver = Resolver { credentials: &self.credentials, attribution: &mut self.attribution, wall_offset_ns: self.wall_offset_ns };
         let findings = self.correlator.on_event(&event, &mut resolver, self.declared.as_ref(), Some(&mut self.learner));
         for f in findings {
             if let Some(f) = self.aggregator.offer(f, t) {
@@ -190,20 +202,32 @@ impl Pipeline {
     }
 }
 
-/// Register an explicitly configured credential file (`--credential-file`).
-fn watch_file(sensors: &mut Sensors, table: &mut CredentialTable, path: &Path) -> Result<()> {
-    let key = key_of(path)?;
-    let meta = Credential {
-        kind: "custom".into(),
-        path: path.display().to_string(),
-        owner_pod_uid: None,
-        inode: key.ino,
-        dev: key.dev,
-    };
-    let (w, _) = table.upsert(key, meta);
-    sensors.maps.credentials.insert(key, kernel_value(w), 0).context("writing the credentials map")?;
-    info!(path = %path.display(), id = w.id, dev = key.dev, ino = key.ino, "watching credential file");
-    Ok(())
+impl Pipeline {
+    /// Keep the kernel's credential map equal to the inventory.
+    fn apply_inventory(&mut self, sensors: &mut Sensors, update: InventoryUpdate) -> bool {
+        match update {
+            InventoryUpdate::Upsert(f) => {
+                let key = CredentialKey { dev: kernel_dev_from_user(f.dev), ino: f.ino };
+                let (w, new) = self.credentials.upsert(key, f.to_finding());
+                if new {
+                    if let Err(e) = sensors.maps.credentials.insert(key, kernel_value(w), 0) {
+                        error!(path = %f.path.display(), error = %e, "cannot add credential to the kernel map");
+                    }
+                    info!(path = %f.path.display(), kind = f.kind.as_str(), pod = f.owner_pod_uid.as_deref().unwrap_or("-"), id = w.id, "watching credential");
+                }
+                false
+            }
+            InventoryUpdate::Remove(f) => {
+                let key = CredentialKey { dev: kernel_dev_from_user(f.dev), ino: f.ino };
+                if let Some(w) = self.credentials.remove(&key) {
+                    let _ = sensors.maps.credentials.remove(&key);
+                    info!(path = %f.path.display(), id = w.id, "credential gone; no longer watched");
+                }
+                false
+            }
+            InventoryUpdate::Synced => true,
+        }
+    }
 }
 
 pub async fn run(settings: RunSettings) -> Result<()> {
@@ -231,16 +255,14 @@ pub async fn run(settings: RunSettings) -> Result<()> {
     metrics.probes_attached.set(sensors.attached.len() as i64);
     info!(programs = sensors.attached.len(), cgroup_root = %cgroup_root.display(), mode = ?settings.mode, "kernel programs attached");
 
-    let mut table = CredentialTable::default();
-    for path in &settings.credential_file {
-        if let Err(e) = watch_file(&mut sensors, &mut table, path) {
-            error!(path = %path.display(), error = %format!("{e:#}"), "cannot watch credential file");
-        }
-    }
     if !settings.kubelet_dir.exists() {
         info!(dir = %settings.kubelet_dir.display(), "no kubelet directory: not a Kubernetes node, or not mounted; watching only explicit credential files");
     }
-    readiness.inventory.store(true, Ordering::Release);
+    let mut inventory = spawn_watcher(InventoryConfig {
+        kubelet_dir: settings.kubelet_dir.clone(),
+        extra_files: settings.credential_file.clone(),
+        ..Default::default()
+    });
 
     for dir in &settings.deny_cgroup {
         match std::fs::metadata(dir) {
@@ -256,7 +278,6 @@ pub async fn run(settings: RunSettings) -> Result<()> {
     metrics.policy_reload_success.set(1);
     readiness.intents.store(true, Ordering::Release);
     readiness.probes.store(true, Ordering::Release);
-    info!("ready");
 
     let debug_out = match &settings.debug_events {
         Some(spec) => Some(open_output(spec)?),
@@ -268,11 +289,12 @@ pub async fn run(settings: RunSettings) -> Result<()> {
     let mut pipeline = Pipeline {
         metrics: metrics.clone(),
         debug_out,
-        credentials: table,
+        credentials: CredentialTable::default(),
         lost_seen: Vec::new(),
         correlator,
         learner: Learner::new(settings.learn_window.as_nanos() as u64),
         declared: Box::new(NoIntents),
+        attribution: Attributor::new(&cgroup_root).with_cri(CriHandle::spawn(None)),
         aggregator: Aggregator::new(settings.aggregate_window.as_nanos() as u64),
         sinks,
         wall_offset_ns: boot_to_wall_offset_ns(),
@@ -295,6 +317,11 @@ pub async fn run(settings: RunSettings) -> Result<()> {
                 guard.clear_ready();
             }
             _ = poll.tick() => drain(ring.get_mut(), &mut pipeline),
+            Some(update) = inventory.recv() => {
+                if pipeline.apply_inventory(&mut sensors, update) && !readiness.inventory.swap(true, Ordering::AcqRel) {
+                    info!(credentials = pipeline.credentials.len(), "inventory loaded; ready");
+                }
+            }
             _ = stats.tick() => {
                 pipeline.refresh_stats(&sensors);
                 pipeline.flush_aggregates(false);

@@ -30,7 +30,7 @@ fn main() -> ExitCode {
             let _ = paths;
             Err(anyhow::anyhow!("policy check is not wired yet"))
         }
-        Command::Inventory(_args) => Err(anyhow::anyhow!("inventory is not wired yet")),
+        Command::Inventory(args) => detector::inventory::run_cli(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
