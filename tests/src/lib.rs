@@ -21,6 +21,7 @@ use serde_json::Value;
 pub mod kernel;
 pub mod net;
 pub mod receivers;
+pub mod runc;
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
 

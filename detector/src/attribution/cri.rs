@@ -237,12 +237,17 @@ impl CriClient {
             .connect_with_connector(tower::service_fn(move |_: http::Uri| {
                 let p = path.clone();
                 async move {
-                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tokio::net::UnixStream::connect(p).await?))
+                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                        tokio::net::UnixStream::connect(p).await?,
+                    ))
                 }
             }))
             .await
             .with_context(|| format!("connecting to CRI socket {}", socket.display()))?;
-        Ok(CriClient { grpc: tonic::client::Grpc::new(channel), socket: socket.to_path_buf() })
+        Ok(CriClient {
+            grpc: tonic::client::Grpc::new(channel),
+            socket: socket.to_path_buf(),
+        })
     }
 
     async fn call<Req, Resp>(&mut self, method: &'static str, req: Req) -> Result<Resp>
@@ -250,7 +255,10 @@ impl CriClient {
         Req: prost::Message + Send + Sync + 'static,
         Resp: prost::Message + Default + Send + Sync + 'static,
     {
-        self.grpc.ready().await.map_err(|e| anyhow::anyhow!("CRI runtime not ready: {e}"))?;
+        self.grpc
+            .ready()
+            .await
+            .map_err(|e| anyhow::anyhow!("CRI runtime not ready: {e}"))?;
         let path = http::uri::PathAndQuery::from_static(method);
         let codec = tonic_prost::ProstCodec::<Req, Resp>::default();
         let resp = self
@@ -262,31 +270,58 @@ impl CriClient {
     }
 
     pub async fn version(&mut self) -> Result<v1::VersionResponse> {
-        self.call("/runtime.v1.RuntimeService/Version", v1::VersionRequest { version: "v1".into() }).await
+        self.call(
+            "/runtime.v1.RuntimeService/Version",
+            v1::VersionRequest {
+                version: "v1".into(),
+            },
+        )
+        .await
     }
     pub async fn list_pod_sandbox(&mut self) -> Result<Vec<v1::PodSandbox>> {
-        let r: v1::ListPodSandboxResponse =
-            self.call("/runtime.v1.RuntimeService/ListPodSandbox", v1::ListPodSandboxRequest {}).await?;
+        let r: v1::ListPodSandboxResponse = self
+            .call(
+                "/runtime.v1.RuntimeService/ListPodSandbox",
+                v1::ListPodSandboxRequest {},
+            )
+            .await?;
         Ok(r.items)
     }
     pub async fn list_containers(&mut self) -> Result<Vec<v1::Container>> {
-        let r: v1::ListContainersResponse =
-            self.call("/runtime.v1.RuntimeService/ListContainers", v1::ListContainersRequest {}).await?;
+        let r: v1::ListContainersResponse = self
+            .call(
+                "/runtime.v1.RuntimeService/ListContainers",
+                v1::ListContainersRequest {},
+            )
+            .await?;
         Ok(r.containers)
     }
     pub async fn run_pod_sandbox(&mut self, config: v1::PodSandboxConfig) -> Result<String> {
-        let req = v1::RunPodSandboxRequest { config: Some(config), runtime_handler: String::new() };
-        let r: v1::RunPodSandboxResponse = self.call("/runtime.v1.RuntimeService/RunPodSandbox", req).await?;
+        let req = v1::RunPodSandboxRequest {
+            config: Some(config),
+            runtime_handler: String::new(),
+        };
+        let r: v1::RunPodSandboxResponse = self
+            .call("/runtime.v1.RuntimeService/RunPodSandbox", req)
+            .await?;
         Ok(r.pod_sandbox_id)
     }
     pub async fn stop_pod_sandbox(&mut self, id: &str) -> Result<()> {
-        let req = v1::PodSandboxIdRequest { pod_sandbox_id: id.into() };
-        let _: v1::Empty = self.call("/runtime.v1.RuntimeService/StopPodSandbox", req).await?;
+        let req = v1::PodSandboxIdRequest {
+            pod_sandbox_id: id.into(),
+        };
+        let _: v1::Empty = self
+            .call("/runtime.v1.RuntimeService/StopPodSandbox", req)
+            .await?;
         Ok(())
     }
     pub async fn remove_pod_sandbox(&mut self, id: &str) -> Result<()> {
-        let req = v1::PodSandboxIdRequest { pod_sandbox_id: id.into() };
-        let _: v1::Empty = self.call("/runtime.v1.RuntimeService/RemovePodSandbox", req).await?;
+        let req = v1::PodSandboxIdRequest {
+            pod_sandbox_id: id.into(),
+        };
+        let _: v1::Empty = self
+            .call("/runtime.v1.RuntimeService/RemovePodSandbox", req)
+            .await?;
         Ok(())
     }
     pub async fn create_container(
@@ -300,22 +335,37 @@ impl CriClient {
             config: Some(config),
             sandbox_config: Some(sandbox_config),
         };
-        let r: v1::CreateContainerResponse = self.call("/runtime.v1.RuntimeService/CreateContainer", req).await?;
+        let r: v1::CreateContainerResponse = self
+            .call("/runtime.v1.RuntimeService/CreateContainer", req)
+            .await?;
         Ok(r.container_id)
     }
     pub async fn start_container(&mut self, id: &str) -> Result<()> {
-        let req = v1::ContainerIdRequest { container_id: id.into() };
-        let _: v1::Empty = self.call("/runtime.v1.RuntimeService/StartContainer", req).await?;
+        let req = v1::ContainerIdRequest {
+            container_id: id.into(),
+        };
+        let _: v1::Empty = self
+            .call("/runtime.v1.RuntimeService/StartContainer", req)
+            .await?;
         Ok(())
     }
     pub async fn stop_container(&mut self, id: &str, timeout_s: i64) -> Result<()> {
-        let req = v1::StopContainerRequest { container_id: id.into(), timeout: timeout_s };
-        let _: v1::Empty = self.call("/runtime.v1.RuntimeService/StopContainer", req).await?;
+        let req = v1::StopContainerRequest {
+            container_id: id.into(),
+            timeout: timeout_s,
+        };
+        let _: v1::Empty = self
+            .call("/runtime.v1.RuntimeService/StopContainer", req)
+            .await?;
         Ok(())
     }
     pub async fn remove_container(&mut self, id: &str) -> Result<()> {
-        let req = v1::ContainerIdRequest { container_id: id.into() };
-        let _: v1::Empty = self.call("/runtime.v1.RuntimeService/RemoveContainer", req).await?;
+        let req = v1::ContainerIdRequest {
+            container_id: id.into(),
+        };
+        let _: v1::Empty = self
+            .call("/runtime.v1.RuntimeService/RemoveContainer", req)
+            .await?;
         Ok(())
     }
 }
@@ -369,7 +419,10 @@ impl Snapshot {
     pub async fn take(client: &mut CriClient) -> Result<Snapshot> {
         let sandboxes = client.list_pod_sandbox().await?;
         let containers = client.list_containers().await?;
-        let mut snap = Snapshot { taken: Some(Instant::now()), ..Default::default() };
+        let mut snap = Snapshot {
+            taken: Some(Instant::now()),
+            ..Default::default()
+        };
         // Several sandboxes per UID (restarts): the ready, newest one wins.
         let mut sandboxes = sandboxes;
         sandboxes.sort_by_key(|s| (s.state == 0, s.created_at));
@@ -380,21 +433,42 @@ impl Snapshot {
         }
         for c in containers {
             let md = c.metadata.unwrap_or_default();
-            let name = c.labels.get("io.kubernetes.container.name").cloned().unwrap_or(md.name);
-            let image = c.image.map(|i| i.image).filter(|i| !i.is_empty()).unwrap_or(c.image_ref);
-            snap.containers
-                .insert(c.id.clone(), ContainerMeta { id: c.id, name, image, sandbox_id: c.pod_sandbox_id });
+            let name = c
+                .labels
+                .get("io.kubernetes.container.name")
+                .cloned()
+                .unwrap_or(md.name);
+            let image = c
+                .image
+                .map(|i| i.image)
+                .filter(|i| !i.is_empty())
+                .unwrap_or(c.image_ref);
+            snap.containers.insert(
+                c.id.clone(),
+                ContainerMeta {
+                    id: c.id,
+                    name,
+                    image,
+                    sandbox_id: c.pod_sandbox_id,
+                },
+            );
         }
         Ok(snap)
     }
 
     /// Fill the names of `info` (a cgroup of `pod`); false if the pod is unknown.
     pub fn enrich(&self, pod: &PodRef, info: &mut WorkloadInfo) -> bool {
-        let Some(p) = self.pods.get(&pod.pod_uid) else { return false };
+        let Some(p) = self.pods.get(&pod.pod_uid) else {
+            return false;
+        };
         info.namespace = Some(p.namespace.clone());
         info.pod_name = Some(p.name.clone());
         info.labels = p.labels.clone();
-        if let Some(c) = pod.container_id.as_deref().and_then(|id| self.containers.get(id)) {
+        if let Some(c) = pod
+            .container_id
+            .as_deref()
+            .and_then(|id| self.containers.get(id))
+        {
             info.container_name = Some(c.name.clone());
             info.image = Some(c.image.clone());
         }
@@ -407,7 +481,10 @@ pub fn find_socket(given: Option<&Path>) -> Option<PathBuf> {
     if let Some(p) = given {
         return Some(p.to_path_buf());
     }
-    DEFAULT_SOCKETS.iter().map(PathBuf::from).find(|p| p.exists())
+    DEFAULT_SOCKETS
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
 }
 
 /// The shared, background-refreshed snapshot. Cheap to clone.
@@ -423,7 +500,10 @@ const MIN_REFRESH: Duration = Duration::from_secs(1);
 impl CriHandle {
     /// A handle that never knows anything (no runtime).
     pub fn empty() -> CriHandle {
-        CriHandle { snap: Default::default(), wake: Default::default() }
+        CriHandle {
+            snap: Default::default(),
+            wake: Default::default(),
+        }
     }
 
     /// Start the refresher task; needs a tokio runtime. `socket` `None`:
@@ -477,7 +557,11 @@ impl CriHandle {
 
     /// Fill names into `info`; on an unknown pod, ask for a refresh.
     pub fn enrich(&self, pod: &PodRef, info: &mut WorkloadInfo) {
-        let known = self.snap.read().map(|s| s.enrich(pod, info)).unwrap_or(false);
+        let known = self
+            .snap
+            .read()
+            .map(|s| s.enrich(pod, info))
+            .unwrap_or(false);
         let container_missing = pod.container_id.is_some() && info.container_name.is_none();
         if !known || container_missing {
             self.request_refresh();
@@ -501,10 +585,16 @@ async fn refresh(client: &mut Option<CriClient>, socket: Option<&Path>) -> Resul
 
 /// One snapshot, for the CLI: `None` when no runtime answers within 5 s.
 pub fn snapshot_blocking(socket: Option<&Path>) -> Option<Snapshot> {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .ok()?;
     rt.block_on(async {
         let mut client = None;
-        tokio::time::timeout(Duration::from_secs(5), refresh(&mut client, socket)).await.ok()?.ok()
+        tokio::time::timeout(Duration::from_secs(5), refresh(&mut client, socket))
+            .await
+            .ok()?
+            .ok()
     })
 }
 
@@ -517,7 +607,12 @@ mod tests {
     fn sandbox_labels_name_the_pod() {
         let s = v1::PodSandbox {
             id: "sb".into(),
-            metadata: Some(v1::PodSandboxMetadata { name: "m".into(), uid: "u0".into(), namespace: "n".into(), attempt: 0 }),
+            metadata: Some(v1::PodSandboxMetadata {
+                name: "m".into(),
+                uid: "u0".into(),
+                namespace: "n".into(),
+                attempt: 0,
+            }),
             labels: [
                 ("io.kubernetes.pod.name".to_string(), "web-1".to_string()),
                 ("io.kubernetes.pod.namespace".into(), "shop".into()),
@@ -530,15 +625,23 @@ mod tests {
         // Round trip through the wire format, as the runtime would send it.
         let s = v1::PodSandbox::decode(s.encode_to_vec().as_slice()).unwrap();
         let p = pod_meta(s).unwrap();
-        assert_eq!((p.uid.as_str(), p.name.as_str(), p.namespace.as_str()), ("u1", "web-1", "shop"));
+        assert_eq!(
+            (p.uid.as_str(), p.name.as_str(), p.namespace.as_str()),
+            ("u1", "web-1", "shop")
+        );
         assert_eq!(p.labels.get("app").map(String::as_str), Some("web"));
-        let bare = v1::PodSandbox { id: "x".into(), ..Default::default() };
+        let bare = v1::PodSandbox {
+            id: "x".into(),
+            ..Default::default()
+        };
         assert!(pod_meta(bare).is_none());
     }
 
     #[tokio::test]
     async fn no_socket_is_an_error_not_a_panic() {
         let mut c = None;
-        assert!(refresh(&mut c, Some(Path::new("/nonexistent/cri.sock"))).await.is_err());
+        assert!(refresh(&mut c, Some(Path::new("/nonexistent/cri.sock")))
+            .await
+            .is_err());
     }
 }

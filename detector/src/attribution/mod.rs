@@ -80,7 +80,8 @@ fn container_id(s: &str) -> Option<String> {
     let ok = !s.is_empty()
         && s.len() <= 128
         && !s.starts_with(['.', '-'])
-        && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
     ok.then(|| s.to_string())
 }
 
@@ -116,7 +117,11 @@ fn scope(c: &str) -> Option<(Option<Runtime>, String)> {
 pub fn parse_cgroup_path(path: &str) -> Option<PodRef> {
     let comps: Vec<&str> = path.split('/').filter(|c| !c.is_empty()).collect();
     let start = comps.iter().position(|c| {
-        *c == "kubepods" || (c.ends_with(".slice") && c.trim_end_matches(".slice").split('-').any(|w| w == "kubepods"))
+        *c == "kubepods"
+            || (c.ends_with(".slice")
+                && c.trim_end_matches(".slice")
+                    .split('-')
+                    .any(|w| w == "kubepods"))
     })?;
     let first = comps[start];
     if first == "kubepods" {
@@ -141,12 +146,19 @@ pub fn parse_cgroup_path(path: &str) -> Option<PodRef> {
                 }
             }
         };
-        return Some(PodRef { pod_uid: uid, container_id, runtime, qos });
+        return Some(PodRef {
+            pod_uid: uid,
+            container_id,
+            runtime,
+            qos,
+        });
     }
     // systemd: [...]kubepods.slice/[kubepods-<qos>.slice/]kubepods[-<qos>]-pod<uid>.slice/<scope>
     let mut qos = None;
     for (i, c) in comps.iter().enumerate().skip(start) {
-        let Some(base) = c.strip_suffix(".slice") else { break };
+        let Some(base) = c.strip_suffix(".slice") else {
+            break;
+        };
         if let Some((pre, uid)) = base.rsplit_once("-pod") {
             let uid = pod_uid(uid)?;
             if !pre.split('-').any(|w| w == "kubepods") {
@@ -163,7 +175,12 @@ pub fn parse_cgroup_path(path: &str) -> Option<PodRef> {
                     (Some(id), rt)
                 }
             };
-            return Some(PodRef { pod_uid: uid, container_id, runtime, qos });
+            return Some(PodRef {
+                pod_uid: uid,
+                container_id,
+                runtime,
+                qos,
+            });
         }
         if let Some(q) = base.rsplit('-').next().and_then(qos_name) {
             qos = Some(q);
@@ -273,7 +290,13 @@ impl Attributor {
 
     /// The kernel reported `mkdir` of a cgroup-v2 directory.
     pub fn observe_mkdir(&mut self, id: u64, path: &str) {
-        self.known.insert(id, Known { path: norm(path), removed: None });
+        self.known.insert(
+            id,
+            Known {
+                path: norm(path),
+                removed: None,
+            },
+        );
         self.purge();
     }
 
@@ -292,7 +315,8 @@ impl Attributor {
         }
         self.last_purge = now;
         let retention = self.retention;
-        self.known.retain(|_, k| k.removed.is_none_or(|t| now.duration_since(t) < retention));
+        self.known
+            .retain(|_, k| k.removed.is_none_or(|t| now.duration_since(t) < retention));
     }
 
     /// Walk the cgroup-v2 tree: every directory's inode is its cgroup id.
@@ -301,21 +325,38 @@ impl Attributor {
     pub fn rescan(&mut self) {
         let found = walk_cgroups(&self.root);
         let now = Instant::now();
-        for k in self.known.iter_mut().filter(|(id, _)| !found.contains_key(id)).map(|(_, k)| k) {
+        for k in self
+            .known
+            .iter_mut()
+            .filter(|(id, _)| !found.contains_key(id))
+            .map(|(_, k)| k)
+        {
             k.removed.get_or_insert(now);
         }
         for (id, path) in found {
-            self.known.insert(id, Known { path, removed: None });
+            self.known.insert(
+                id,
+                Known {
+                    path,
+                    removed: None,
+                },
+            );
         }
         self.last_rescan = Some(now);
     }
 
     /// The cgroup's path, rescanning the tree on a miss (rate-limited).
     pub fn path_of(&mut self, id: u64) -> Option<(String, bool)> {
-        if !self.known.contains_key(&id) && self.last_rescan.is_none_or(|t| t.elapsed() >= self.min_rescan) {
+        if !self.known.contains_key(&id)
+            && self
+                .last_rescan
+                .is_none_or(|t| t.elapsed() >= self.min_rescan)
+        {
             self.rescan();
         }
-        self.known.get(&id).map(|k| (k.path.clone(), k.removed.is_none()))
+        self.known
+            .get(&id)
+            .map(|k| (k.path.clone(), k.removed.is_none()))
     }
 
     /// Who cgroup `id` is. `None` only for an id never seen in the tree.
@@ -325,7 +366,13 @@ impl Attributor {
         if pod.is_none() && looks_like_pod(&path) && self.warned_unparsed.insert(path.clone()) {
             warn!(cgroup = %path, id, "cgroup path under kubepods matches no known layout; not attributed to a pod");
         }
-        let mut info = WorkloadInfo { cgroup_id: id, cgroup_path: path, live, pod, ..Default::default() };
+        let mut info = WorkloadInfo {
+            cgroup_id: id,
+            cgroup_path: path,
+            live,
+            pod,
+            ..Default::default()
+        };
         if let (Some(cri), Some(pod)) = (&self.cri, info.pod.clone()) {
             cri.enrich(&pod, &mut info);
         }
@@ -351,7 +398,14 @@ pub fn walk_cgroups(root: &Path) -> HashMap<u64, String> {
             }
         };
         if let Ok(md) = std::fs::metadata(&dir) {
-            out.insert(md.ino(), if rel.is_empty() { "/".to_string() } else { rel.clone() });
+            out.insert(
+                md.ino(),
+                if rel.is_empty() {
+                    "/".to_string()
+                } else {
+                    rel.clone()
+                },
+            );
         }
         for ent in rd.flatten() {
             if !ent.file_type().is_ok_and(|t| t.is_dir()) {
@@ -370,7 +424,13 @@ pub fn workloads_under(root: &Path) -> Vec<WorkloadInfo> {
         .into_iter()
         .filter_map(|(id, path)| {
             let pod = parse_cgroup_path(&path)?;
-            Some(WorkloadInfo { cgroup_id: id, cgroup_path: path, live: true, pod: Some(pod), ..Default::default() })
+            Some(WorkloadInfo {
+                cgroup_id: id,
+                cgroup_path: path,
+                live: true,
+                pod: Some(pod),
+                ..Default::default()
+            })
         })
         .collect();
     v.sort_by(|a, b| a.cgroup_path.cmp(&b.cgroup_path));
@@ -396,41 +456,83 @@ mod tests {
 
     #[test]
     fn cgroupfs_layout() {
-        assert_eq!(parse_cgroup_path(&format!("/kubepods/besteffort/pod{UID}/{CID}")), pr(Some(CID), None, "besteffort"));
-        assert_eq!(parse_cgroup_path(&format!("kubepods/burstable/pod{UID}/{CID}")), pr(Some(CID), None, "burstable"));
-        assert_eq!(parse_cgroup_path(&format!("/kubepods/pod{UID}/{CID}")), pr(Some(CID), None, "guaranteed"));
-        assert_eq!(parse_cgroup_path(&format!("/kubepods/pod{UID}")), pr(None, None, "guaranteed"));
-        assert_eq!(parse_cgroup_path(&format!("/kubepods/besteffort/pod{UID}/")), pr(None, None, "besteffort"));
+        assert_eq!(
+            parse_cgroup_path(&format!("/kubepods/besteffort/pod{UID}/{CID}")),
+            pr(Some(CID), None, "besteffort")
+        );
+        assert_eq!(
+            parse_cgroup_path(&format!("kubepods/burstable/pod{UID}/{CID}")),
+            pr(Some(CID), None, "burstable")
+        );
+        assert_eq!(
+            parse_cgroup_path(&format!("/kubepods/pod{UID}/{CID}")),
+            pr(Some(CID), None, "guaranteed")
+        );
+        assert_eq!(
+            parse_cgroup_path(&format!("/kubepods/pod{UID}")),
+            pr(None, None, "guaranteed")
+        );
+        assert_eq!(
+            parse_cgroup_path(&format!("/kubepods/besteffort/pod{UID}/")),
+            pr(None, None, "besteffort")
+        );
         assert_eq!(
             parse_cgroup_path(&format!("/kubepods/besteffort/pod{UID}/crio-{CID}")),
             pr(Some(CID), Some(Runtime::Crio), "besteffort")
         );
         // A container's own sub-cgroups and a kubelet --cgroup-root prefix.
-        assert_eq!(parse_cgroup_path(&format!("/kubelet/kubepods/burstable/pod{UID}/{CID}/init.scope")), pr(Some(CID), None, "burstable"));
+        assert_eq!(
+            parse_cgroup_path(&format!(
+                "/kubelet/kubepods/burstable/pod{UID}/{CID}/init.scope"
+            )),
+            pr(Some(CID), None, "burstable")
+        );
         // Static pod: 32 hex digits.
-        let s = parse_cgroup_path("/kubepods/burstable/pod8d5d9d1c6f3f0a7f2b1e4c3d2a1b0c9d/abc").unwrap();
+        let s = parse_cgroup_path("/kubepods/burstable/pod8d5d9d1c6f3f0a7f2b1e4c3d2a1b0c9d/abc")
+            .unwrap();
         assert_eq!(s.pod_uid, "8d5d9d1c6f3f0a7f2b1e4c3d2a1b0c9d");
     }
 
     #[test]
     fn systemd_layout() {
-        for (prefix, rt) in [("cri-containerd", Runtime::Containerd), ("crio", Runtime::Crio), ("docker", Runtime::Docker)] {
+        for (prefix, rt) in [
+            ("cri-containerd", Runtime::Containerd),
+            ("crio", Runtime::Crio),
+            ("docker", Runtime::Docker),
+        ] {
             let p = format!("/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{UID_}.slice/{prefix}-{CID}.scope");
-            assert_eq!(parse_cgroup_path(&p), pr(Some(CID), Some(rt), "besteffort"), "{p}");
+            assert_eq!(
+                parse_cgroup_path(&p),
+                pr(Some(CID), Some(rt), "besteffort"),
+                "{p}"
+            );
         }
         let p = format!("/kubepods.slice/kubepods-pod{UID_}.slice/cri-containerd-{CID}.scope");
-        assert_eq!(parse_cgroup_path(&p), pr(Some(CID), Some(Runtime::Containerd), "guaranteed"));
-        let p = format!("/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{UID_}.slice");
+        assert_eq!(
+            parse_cgroup_path(&p),
+            pr(Some(CID), Some(Runtime::Containerd), "guaranteed")
+        );
+        let p =
+            format!("/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{UID_}.slice");
         assert_eq!(parse_cgroup_path(&p), pr(None, None, "burstable"));
         // kind / kubelet --cgroup-root=/kubelet with the systemd driver.
         let p = format!("/kubelet.slice/kubelet-kubepods.slice/kubelet-kubepods-besteffort.slice/kubelet-kubepods-besteffort-pod{UID_}.slice/cri-containerd-{CID}.scope");
-        assert_eq!(parse_cgroup_path(&p), pr(Some(CID), Some(Runtime::Containerd), "besteffort"));
+        assert_eq!(
+            parse_cgroup_path(&p),
+            pr(Some(CID), Some(Runtime::Containerd), "besteffort")
+        );
         // CRI-O's conmon scope belongs to the container's pod.
         let p = format!("/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{UID_}.slice/crio-conmon-{CID}.scope");
-        assert_eq!(parse_cgroup_path(&p).unwrap().container_id.as_deref(), Some(CID));
+        assert_eq!(
+            parse_cgroup_path(&p).unwrap().container_id.as_deref(),
+            Some(CID)
+        );
         // Sub-cgroup of a container scope.
         let p = format!("/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{UID_}.slice/cri-containerd-{CID}.scope/init");
-        assert_eq!(parse_cgroup_path(&p), pr(Some(CID), Some(Runtime::Containerd), "besteffort"));
+        assert_eq!(
+            parse_cgroup_path(&p),
+            pr(Some(CID), Some(Runtime::Containerd), "besteffort")
+        );
     }
 
     #[test]
@@ -469,7 +571,10 @@ mod tests {
         a.observe_mkdir(7, &format!("kubepods/besteffort/pod{UID}/{CID}"));
         a.observe_rmdir(7);
         let w = a.resolve(7).unwrap();
-        assert_eq!(w.cgroup_path, format!("/kubepods/besteffort/pod{UID}/{CID}"));
+        assert_eq!(
+            w.cgroup_path,
+            format!("/kubepods/besteffort/pod{UID}/{CID}")
+        );
         assert!(!w.live);
         assert_eq!(w.to_workload().pod_uid.as_deref(), Some(UID));
         assert_eq!(w.to_workload().container_id.as_deref(), Some(CID));

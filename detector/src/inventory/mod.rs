@@ -143,7 +143,10 @@ impl Default for InventoryConfig {
 
 impl InventoryConfig {
     pub fn new(kubelet_dir: impl Into<PathBuf>) -> Self {
-        InventoryConfig { kubelet_dir: kubelet_dir.into(), ..Default::default() }
+        InventoryConfig {
+            kubelet_dir: kubelet_dir.into(),
+            ..Default::default()
+        }
     }
 
     pub fn pods_dir(&self) -> PathBuf {
@@ -168,13 +171,28 @@ impl InventoryConfig {
 pub fn default_globs() -> Vec<(&'static str, CredentialKind)> {
     use CredentialKind::*;
     vec![
-        ("kubernetes.io~projected/aws-iam-token/token", AwsWebIdentity),
-        ("kubernetes.io~projected/eks-pod-identity-token/eks-pod-identity-token", AwsWebIdentity),
-        ("kubernetes.io~projected/azure-identity-token/azure-identity-token", AzureWorkloadIdentity),
+        (
+            "kubernetes.io~projected/aws-iam-token/token",
+            AwsWebIdentity,
+        ),
+        (
+            "kubernetes.io~projected/eks-pod-identity-token/eks-pod-identity-token",
+            AwsWebIdentity,
+        ),
+        (
+            "kubernetes.io~projected/azure-identity-token/azure-identity-token",
+            AzureWorkloadIdentity,
+        ),
         ("kubernetes.io~projected/gcp-ksa/token", GcpWorkloadIdentity),
-        ("kubernetes.io~projected/gcp-ksa/google-application-credentials.json", GcpWorkloadIdentity),
+        (
+            "kubernetes.io~projected/gcp-ksa/google-application-credentials.json",
+            GcpWorkloadIdentity,
+        ),
         ("kubernetes.io~empty-dir/home-init/.vault-token", VaultAgent),
-        ("kubernetes.io~empty-dir/home-sidecar/.vault-token", VaultAgent),
+        (
+            "kubernetes.io~empty-dir/home-sidecar/.vault-token",
+            VaultAgent,
+        ),
         ("kubernetes.io~empty-dir/vault-secrets/*", VaultAgent),
     ]
 }
@@ -233,7 +251,10 @@ struct Matcher {
 impl Matcher {
     fn new(cfg: &InventoryConfig, warnings: &mut Vec<String>) -> Matcher {
         let mut patterns = Vec::new();
-        let extra = cfg.extra_globs.iter().map(|g| (g.as_str(), CredentialKind::Custom));
+        let extra = cfg
+            .extra_globs
+            .iter()
+            .map(|g| (g.as_str(), CredentialKind::Custom));
         for (g, kind) in default_globs().into_iter().chain(extra) {
             match Pattern::new(g, kind) {
                 Ok(p) => patterns.push(p),
@@ -244,7 +265,10 @@ impl Matcher {
     }
 
     fn kind_of(&self, rel: &str) -> Option<CredentialKind> {
-        self.patterns.iter().find(|p| p.full.is_match(rel)).map(|p| p.kind)
+        self.patterns
+            .iter()
+            .find(|p| p.full.is_match(rel))
+            .map(|p| p.kind)
     }
 
     fn descend(&self, dir: &[&str]) -> bool {
@@ -266,13 +290,24 @@ pub fn scan(cfg: &InventoryConfig) -> (Vec<CredentialFile>, Vec<String>) {
 }
 
 fn scan_full(cfg: &InventoryConfig) -> Scan {
-    let mut s = Scan { out: Vec::new(), warnings: Vec::new(), seen: HashSet::new(), dirs: Vec::new() };
+    let mut s = Scan {
+        out: Vec::new(),
+        warnings: Vec::new(),
+        seen: HashSet::new(),
+        dirs: Vec::new(),
+    };
     let matcher = Matcher::new(cfg, &mut s.warnings);
     let pods = cfg.pods_dir();
     match std::fs::symlink_metadata(&pods) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => s.warn(format!("cannot stat pods directory {}: {e}", pods.display())),
-        Ok(md) if !md.is_dir() => s.warn(format!("{} is not a directory; no pods scanned", pods.display())),
+        Err(e) => s.warn(format!(
+            "cannot stat pods directory {}: {e}",
+            pods.display()
+        )),
+        Ok(md) if !md.is_dir() => s.warn(format!(
+            "{} is not a directory; no pods scanned",
+            pods.display()
+        )),
         Ok(_) => {
             s.dirs.push(pods.clone());
             for (name, path) in s.list(&pods) {
@@ -297,8 +332,23 @@ struct Scan {
 }
 
 impl Scan {
+    /// Control characters (a newline in a hostile file name) are escaped:
+    /// one warning is one log line.
     fn warn(&mut self, w: String) {
-        self.warnings.push(w);
+        let clean = if w.chars().any(char::is_control) {
+            w.chars()
+                .map(|c| {
+                    if c.is_control() {
+                        c.escape_default().to_string()
+                    } else {
+                        c.to_string()
+                    }
+                })
+                .collect()
+        } else {
+            w
+        };
+        self.warnings.push(clean);
     }
 
     /// Entries of a directory (names as UTF-8; others are warned about and skipped).
@@ -320,12 +370,19 @@ impl Scan {
                 }
             };
             if v.len() >= MAX_ENTRIES {
-                self.warn(format!("{} has more than {MAX_ENTRIES} entries; the rest is ignored", dir.display()));
+                self.warn(format!(
+                    "{} has more than {MAX_ENTRIES} entries; the rest is ignored",
+                    dir.display()
+                ));
                 break;
             }
             match ent.file_name().into_string() {
                 Ok(n) => v.push((n, ent.path())),
-                Err(n) => self.warn(format!("skipping non-UTF-8 name {:?} in {}", n, dir.display())),
+                Err(n) => self.warn(format!(
+                    "skipping non-UTF-8 name {:?} in {}",
+                    n,
+                    dir.display()
+                )),
             }
         }
         v.sort();
@@ -337,7 +394,10 @@ impl Scan {
         match std::fs::symlink_metadata(path) {
             Ok(md) if md.is_dir() => true,
             Ok(md) if md.file_type().is_symlink() => {
-                self.warn(format!("{} is a symlink where kubelet keeps a directory; not followed", path.display()));
+                self.warn(format!(
+                    "{} is a symlink where kubelet keeps a directory; not followed",
+                    path.display()
+                ));
                 false
             }
             Ok(_) => {
@@ -358,7 +418,9 @@ impl Scan {
         }
         self.dirs.push(pod_dir.to_path_buf());
         if !plausible_pod_uid(uid) {
-            self.warn(format!("pod directory name {uid:?} is not a pod UID; scanned anyway"));
+            self.warn(format!(
+                "pod directory name {uid:?} is not a pod UID; scanned anyway"
+            ));
         }
         let volumes = pod_dir.join("volumes");
         if !volumes.exists() || !self.real_dir(&volumes) {
@@ -403,7 +465,15 @@ impl Scan {
     /// Walk a volume for glob matches, following symlinks (kubelet's
     /// user-visible names are symlinks) but never into `..`-prefixed
     /// internals, at most `MAX_DEPTH` deep.
-    fn walk(&mut self, m: &Matcher, uid: &str, vol: &str, vol_dir: &Path, dir: &Path, comps: &mut Vec<String>) {
+    fn walk(
+        &mut self,
+        m: &Matcher,
+        uid: &str,
+        vol: &str,
+        vol_dir: &Path,
+        dir: &Path,
+        comps: &mut Vec<String>,
+    ) {
         if comps.len() >= 2 + MAX_DEPTH {
             return;
         }
@@ -420,7 +490,10 @@ impl Scan {
                         self.dirs.push(path.clone());
                         self.walk(m, uid, vol, vol_dir, &path, comps);
                     } else if m.kind_of(&rel).is_some() {
-                        self.warn(format!("credential path {} is a directory, not a file", path.display()));
+                        self.warn(format!(
+                            "credential path {} is a directory, not a file",
+                            path.display()
+                        ));
                     }
                 }
                 _ => {
@@ -446,15 +519,24 @@ impl Scan {
         let real = match std::fs::canonicalize(path) {
             Ok(r) => r,
             Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
-                self.warn(format!("credential path {} is a symlink loop; ignored", path.display()));
+                self.warn(format!(
+                    "credential path {} is a symlink loop; ignored",
+                    path.display()
+                ));
                 return;
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && !confined => {
-                self.warn(format!("credential file {} does not exist (yet)", path.display()));
+                self.warn(format!(
+                    "credential file {} does not exist (yet)",
+                    path.display()
+                ));
                 return;
             }
             Err(e) => {
-                self.warn(format!("cannot resolve credential path {}: {e}", path.display()));
+                self.warn(format!(
+                    "cannot resolve credential path {}: {e}",
+                    path.display()
+                ));
                 return;
             }
         };
@@ -474,16 +556,25 @@ impl Scan {
         let md = match std::fs::metadata(&real) {
             Ok(md) => md,
             Err(e) => {
-                self.warn(format!("cannot stat credential file {}: {e}", real.display()));
+                self.warn(format!(
+                    "cannot stat credential file {}: {e}",
+                    real.display()
+                ));
                 return;
             }
         };
         if md.is_dir() {
-            self.warn(format!("credential path {} is a directory, not a file; ignored", path.display()));
+            self.warn(format!(
+                "credential path {} is a directory, not a file; ignored",
+                path.display()
+            ));
             return;
         }
         if !md.is_file() {
-            self.warn(format!("credential path {} is not a regular file; ignored", path.display()));
+            self.warn(format!(
+                "credential path {} is not a regular file; ignored",
+                path.display()
+            ));
             return;
         }
         if !self.seen.insert((md.dev(), md.ino())) {
@@ -517,7 +608,10 @@ pub fn plausible_pod_uid(s: &str) -> bool {
 /// `detector inventory`: the node's credential files, their owner pods and
 /// the pods' workloads (cgroups, and names from CRI when a runtime answers).
 pub fn run_cli(args: &crate::cli::InventoryArgs) -> anyhow::Result<()> {
-    let kubelet = args.kubelet_dir.clone().unwrap_or_else(|| PathBuf::from(crate::cli::DEFAULT_KUBELET_DIR));
+    let kubelet = args
+        .kubelet_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(crate::cli::DEFAULT_KUBELET_DIR));
     let cfg = InventoryConfig::new(&kubelet);
     let (files, warnings) = scan(&cfg);
     let cgroup_root = match &args.cgroup_root {
@@ -530,7 +624,10 @@ pub fn run_cli(args: &crate::cli::InventoryArgs) -> anyhow::Result<()> {
     };
     let names = crate::attribution::cri::snapshot_blocking(None);
     let pod_name = |uid: &str| {
-        names.as_ref().and_then(|s| s.pods.get(uid)).map(|p| format!("{}/{}", p.namespace, p.name))
+        names
+            .as_ref()
+            .and_then(|s| s.pods.get(uid))
+            .map(|p| format!("{}/{}", p.namespace, p.name))
     };
     if args.json {
         #[derive(Serialize)]
@@ -560,15 +657,26 @@ pub fn run_cli(args: &crate::cli::InventoryArgs) -> anyhow::Result<()> {
                 v
             })
             .collect();
-        let out = Out { kubelet_dir: &kubelet, credentials, workloads, warnings: &warnings };
+        let out = Out {
+            kubelet_dir: &kubelet,
+            credentials,
+            workloads,
+            warnings: &warnings,
+        };
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(());
     }
     if !kubelet.join("pods").exists() {
-        println!("no kubelet pods directory under {} (not a Kubernetes node?)", kubelet.display());
+        println!(
+            "no kubelet pods directory under {} (not a Kubernetes node?)",
+            kubelet.display()
+        );
     }
     println!("CREDENTIALS ({})", files.len());
-    println!("{:<26} {:<36} {:<28} {:<24} {:<14} PATH", "KIND", "OWNER POD UID", "POD", "VOLUME", "DEV:INO");
+    println!(
+        "{:<26} {:<36} {:<28} {:<24} {:<14} PATH",
+        "KIND", "OWNER POD UID", "POD", "VOLUME", "DEV:INO"
+    );
     for f in &files {
         let uid = f.owner_pod_uid.as_deref().unwrap_or("-");
         println!(
@@ -583,7 +691,10 @@ pub fn run_cli(args: &crate::cli::InventoryArgs) -> anyhow::Result<()> {
     }
     println!();
     println!("WORKLOADS ({})", workloads.len());
-    println!("{:<36} {:<28} {:<12} {:<10} {:<16} CGROUP", "POD UID", "POD", "QOS", "RUNTIME", "CONTAINER");
+    println!(
+        "{:<36} {:<28} {:<12} {:<10} {:<16} CGROUP",
+        "POD UID", "POD", "QOS", "RUNTIME", "CONTAINER"
+    );
     for w in &workloads {
         let Some(p) = &w.pod else { continue };
         println!(
@@ -592,7 +703,10 @@ pub fn run_cli(args: &crate::cli::InventoryArgs) -> anyhow::Result<()> {
             pod_name(&p.pod_uid).unwrap_or_else(|| "-".into()),
             p.qos.as_deref().unwrap_or("-"),
             p.runtime.map(|r| r.as_str()).unwrap_or("-"),
-            p.container_id.as_deref().map(|c| &c[..c.len().min(13)]).unwrap_or("(pod)"),
+            p.container_id
+                .as_deref()
+                .map(|c| &c[..c.len().min(13)])
+                .unwrap_or("(pod)"),
             w.cgroup_path
         );
     }
@@ -608,8 +722,14 @@ mod tests {
 
     #[test]
     fn kinds_render() {
-        assert_eq!(CredentialKind::KubernetesServiceAccount.as_str(), "kubernetes-serviceaccount");
-        assert_eq!(serde_json::to_value(CredentialKind::AwsWebIdentity).unwrap(), "aws-web-identity");
+        assert_eq!(
+            CredentialKind::KubernetesServiceAccount.as_str(),
+            "kubernetes-serviceaccount"
+        );
+        assert_eq!(
+            serde_json::to_value(CredentialKind::AwsWebIdentity).unwrap(),
+            "aws-web-identity"
+        );
     }
 
     #[test]
@@ -624,24 +744,39 @@ mod tests {
     #[test]
     fn patterns_prune_and_match() {
         let mut w = Vec::new();
-        let cfg = InventoryConfig { extra_globs: vec!["kubernetes.io~empty-dir/creds/**/*.json".into()], ..Default::default() };
+        let cfg = InventoryConfig {
+            extra_globs: vec!["kubernetes.io~empty-dir/creds/**/*.json".into()],
+            ..Default::default()
+        };
         let m = Matcher::new(&cfg, &mut w);
         assert!(w.is_empty(), "{w:?}");
-        assert_eq!(m.kind_of("kubernetes.io~projected/aws-iam-token/token"), Some(CredentialKind::AwsWebIdentity));
+        assert_eq!(
+            m.kind_of("kubernetes.io~projected/aws-iam-token/token"),
+            Some(CredentialKind::AwsWebIdentity)
+        );
         assert_eq!(
             m.kind_of("kubernetes.io~projected/azure-identity-token/azure-identity-token"),
             Some(CredentialKind::AzureWorkloadIdentity)
         );
-        assert_eq!(m.kind_of("kubernetes.io~empty-dir/vault-secrets/db-creds"), Some(CredentialKind::VaultAgent));
+        assert_eq!(
+            m.kind_of("kubernetes.io~empty-dir/vault-secrets/db-creds"),
+            Some(CredentialKind::VaultAgent)
+        );
         assert_eq!(m.kind_of("kubernetes.io~empty-dir/vault-secrets/a/b"), None);
-        assert_eq!(m.kind_of("kubernetes.io~empty-dir/creds/x/y/z.json"), Some(CredentialKind::Custom));
+        assert_eq!(
+            m.kind_of("kubernetes.io~empty-dir/creds/x/y/z.json"),
+            Some(CredentialKind::Custom)
+        );
         assert!(m.descend(&["kubernetes.io~empty-dir"]));
         assert!(m.descend(&["kubernetes.io~empty-dir", "vault-secrets"]));
         assert!(!m.descend(&["kubernetes.io~empty-dir", "cache"]));
         assert!(!m.descend(&["kubernetes.io~empty-dir", "vault-secrets", "sub"]));
         assert!(m.descend(&["kubernetes.io~empty-dir", "creds", "a", "b"]));
         assert!(!m.descend(&["kubernetes.io~configmap"]));
-        let bad = InventoryConfig { extra_globs: vec!["a/[".into()], ..Default::default() };
+        let bad = InventoryConfig {
+            extra_globs: vec!["a/[".into()],
+            ..Default::default()
+        };
         let mut w = Vec::new();
         Matcher::new(&bad, &mut w);
         assert_eq!(w.len(), 1, "{w:?}");
@@ -654,7 +789,12 @@ mod tests {
         let root = std::env::temp_dir().join(format!("detector-inv-unit-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
         let uid = "0b5f4a0c-1d2e-4f3a-9b8c-7d6e5f4a3b2c";
-        let vol = root.join("pods").join(uid).join("volumes").join(PROJECTED).join("kube-api-access-abcde");
+        let vol = root
+            .join("pods")
+            .join(uid)
+            .join("volumes")
+            .join(PROJECTED)
+            .join("kube-api-access-abcde");
         let ts = vol.join("..2026_11_23_10_00_00.123456789");
         std::fs::create_dir_all(&ts).unwrap();
         std::fs::write(ts.join("token"), "x").unwrap();
@@ -662,18 +802,32 @@ mod tests {
         symlink("..2026_11_23_10_00_00.123456789", vol.join("..data")).unwrap();
         symlink("..data/token", vol.join("token")).unwrap();
         symlink("..data/ca.crt", vol.join("ca.crt")).unwrap();
-        let irsa = root.join("pods").join(uid).join("volumes").join(PROJECTED).join("aws-iam-token");
+        let irsa = root
+            .join("pods")
+            .join(uid)
+            .join("volumes")
+            .join(PROJECTED)
+            .join("aws-iam-token");
         std::fs::create_dir_all(&irsa).unwrap();
         std::fs::write(irsa.join("token"), "x").unwrap();
         let (files, warnings) = scan(&InventoryConfig::new(&root));
         std::fs::remove_dir_all(&root).unwrap();
         assert!(warnings.is_empty(), "{warnings:?}");
         assert_eq!(files.len(), 2, "{files:?}");
-        let sa = files.iter().find(|f| f.kind == CredentialKind::KubernetesServiceAccount).unwrap();
+        let sa = files
+            .iter()
+            .find(|f| f.kind == CredentialKind::KubernetesServiceAccount)
+            .unwrap();
         assert_eq!(sa.owner_pod_uid.as_deref(), Some(uid));
         assert_eq!(sa.volume.as_deref(), Some("kube-api-access-abcde"));
-        assert!(sa.real_path.ends_with("..2026_11_23_10_00_00.123456789/token"), "{sa:?}");
-        assert!(files.iter().any(|f| f.kind == CredentialKind::AwsWebIdentity));
+        assert!(
+            sa.real_path
+                .ends_with("..2026_11_23_10_00_00.123456789/token"),
+            "{sa:?}"
+        );
+        assert!(files
+            .iter()
+            .any(|f| f.kind == CredentialKind::AwsWebIdentity));
     }
 
     #[test]

@@ -24,7 +24,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use inotify::{Inotify, WatchMask};
+use inotify::{Inotify, WatchDescriptor, WatchMask};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
@@ -47,7 +47,9 @@ const DEBOUNCE_MAX: Duration = Duration::from_millis(200);
 /// Start watching; drop the receiver to stop the thread.
 pub fn spawn_watcher(cfg: InventoryConfig) -> mpsc::Receiver<InventoryUpdate> {
     let (tx, rx) = mpsc::channel(4096);
-    let spawned = std::thread::Builder::new().name("inventory".into()).spawn(move || run(cfg, tx));
+    let spawned = std::thread::Builder::new()
+        .name("inventory".into())
+        .spawn(move || run(cfg, tx));
     if let Err(e) = spawned {
         warn!(error = %e, "cannot start the inventory watcher thread");
     }
@@ -62,7 +64,12 @@ pub(crate) struct State {
 }
 
 impl State {
-    pub(crate) fn apply(&mut self, files: Vec<CredentialFile>, now: Instant, grace: Duration) -> Vec<InventoryUpdate> {
+    pub(crate) fn apply(
+        &mut self,
+        files: Vec<CredentialFile>,
+        now: Instant,
+        grace: Duration,
+    ) -> Vec<InventoryUpdate> {
         let mut out = Vec::new();
         let mut next = HashMap::with_capacity(files.len());
         for f in files {
@@ -83,7 +90,12 @@ impl State {
     }
 
     pub(crate) fn expire(&mut self, now: Instant) -> Vec<InventoryUpdate> {
-        let due: Vec<_> = self.pending.iter().filter(|(_, (t, _))| *t <= now).map(|(k, _)| *k).collect();
+        let due: Vec<_> = self
+            .pending
+            .iter()
+            .filter(|(_, (t, _))| *t <= now)
+            .map(|(k, _)| *k)
+            .collect();
         due.into_iter()
             .filter_map(|k| self.pending.remove(&k))
             .map(|(_, f)| InventoryUpdate::Remove(f))
@@ -97,7 +109,7 @@ impl State {
 
 struct Watches {
     inotify: Option<Inotify>,
-    watched: HashSet<PathBuf>,
+    watched: HashMap<PathBuf, WatchDescriptor>,
 }
 
 impl Watches {
@@ -113,27 +125,39 @@ impl Watches {
 
     /// Watch every directory of the last scan. Adding an existing watch is
     /// cheap (same descriptor); a path now covered by a mount gets a new
-    /// watch on the mounted directory.
-    fn update(&mut self, dirs: &[PathBuf], cfg: &InventoryConfig) {
-        let Some(ino) = self.inotify.as_mut() else { return };
+    /// watch on the mounted directory. Returns whether any directory is
+    /// newly watched: what was created in it between the scan listing it
+    /// and the watch is seen by one more scan.
+    fn update(&mut self, dirs: &[PathBuf], cfg: &InventoryConfig) -> bool {
+        let Some(ino) = self.inotify.as_mut() else {
+            return false;
+        };
         let mut want: Vec<PathBuf> = dirs.to_vec();
         if !cfg.pods_dir().is_dir() {
             // Kubelet not (yet) there: notice the pods dir being created.
-            for d in [cfg.kubelet_dir.clone(), cfg.kubelet_dir.parent().map(PathBuf::from).unwrap_or_default()] {
+            for d in [
+                cfg.kubelet_dir.clone(),
+                cfg.kubelet_dir
+                    .parent()
+                    .map(PathBuf::from)
+                    .unwrap_or_default(),
+            ] {
                 if d.is_dir() {
                     want.push(d);
                     break;
                 }
             }
         }
-        let mut now = HashSet::new();
+        let mut now = HashMap::new();
+        let mut fresh = false;
         for d in want {
             match ino.watches().add(&d, Self::mask()) {
-                Ok(_) => {
-                    now.insert(d);
+                Ok(wd) => {
+                    fresh |= self.watched.get(&d) != Some(&wd);
+                    now.insert(d, wd);
                 }
                 Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => {
-                    if !self.watched.contains(&d) {
+                    if !self.watched.contains_key(&d) {
                         warn!(dir = %d.display(), "inotify watch limit reached (fs.inotify.max_user_watches); relying on the periodic rescan");
                     }
                 }
@@ -142,6 +166,7 @@ impl Watches {
         }
         // Kernel drops watches of deleted dirs by itself; we only forget them.
         self.watched = now;
+        fresh
     }
 }
 
@@ -154,14 +179,22 @@ fn run(cfg: InventoryConfig, tx: mpsc::Sender<InventoryUpdate>) {
         }
     };
     let mounts = std::fs::File::open("/proc/self/mountinfo").ok();
-    let mut watches = Watches { inotify, watched: HashSet::new() };
+    let mut watches = Watches {
+        inotify,
+        watched: HashMap::new(),
+    };
     let mut state = State::default();
     let mut warned: HashSet<String> = HashSet::new();
     let mut buf = vec![0u8; 64 * 1024];
 
     let rescan = |state: &mut State, watches: &mut Watches, warned: &mut HashSet<String>| {
-        let s = scan_full(&cfg);
-        watches.update(&s.dirs, &cfg);
+        let mut s = scan_full(&cfg);
+        for _ in 0..3 {
+            if !watches.update(&s.dirs, &cfg) {
+                break;
+            }
+            s = scan_full(&cfg);
+        }
         let fresh: HashSet<String> = s.warnings.into_iter().collect();
         for w in fresh.difference(warned) {
             warn!(warning = %w, "credential inventory");
@@ -194,10 +227,18 @@ fn run(cfg: InventoryConfig, tx: mpsc::Sender<InventoryUpdate>) {
         let timeout = wake.saturating_duration_since(now).as_millis().min(1000) as i32;
         let mut fds = Vec::with_capacity(2);
         if let Some(i) = &watches.inotify {
-            fds.push(libc::pollfd { fd: i.as_raw_fd(), events: libc::POLLIN, revents: 0 });
+            fds.push(libc::pollfd {
+                fd: i.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            });
         }
         if let Some(m) = &mounts {
-            fds.push(libc::pollfd { fd: m.as_raw_fd(), events: libc::POLLPRI, revents: 0 });
+            fds.push(libc::pollfd {
+                fd: m.as_raw_fd(),
+                events: libc::POLLPRI,
+                revents: 0,
+            });
         }
         let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
         let now = Instant::now();
@@ -207,7 +248,11 @@ fn run(cfg: InventoryConfig, tx: mpsc::Sender<InventoryUpdate>) {
                 if p.revents == 0 {
                     continue;
                 }
-                if watches.inotify.as_ref().is_some_and(|i| i.as_raw_fd() == p.fd) {
+                if watches
+                    .inotify
+                    .as_ref()
+                    .is_some_and(|i| i.as_raw_fd() == p.fd)
+                {
                     if let Some(i) = watches.inotify.as_mut() {
                         // Any event in a watched dir may change the result
                         // (an overflow too); the rescan finds out what.
@@ -273,18 +318,36 @@ mod tests {
         let grace = Duration::from_secs(120);
         let t0 = Instant::now();
         let mut s = State::default();
-        assert_eq!(s.apply(vec![f(1, "/t")], t0, grace), vec![InventoryUpdate::Upsert(f(1, "/t"))]);
-        assert!(s.apply(vec![f(1, "/t")], t0, grace).is_empty(), "no change, no update");
+        assert_eq!(
+            s.apply(vec![f(1, "/t")], t0, grace),
+            vec![InventoryUpdate::Upsert(f(1, "/t"))]
+        );
+        assert!(
+            s.apply(vec![f(1, "/t")], t0, grace).is_empty(),
+            "no change, no update"
+        );
         // Rotation: new inode now, old one only after the grace.
-        assert_eq!(s.apply(vec![f(2, "/t")], t0, grace), vec![InventoryUpdate::Upsert(f(2, "/t"))]);
+        assert_eq!(
+            s.apply(vec![f(2, "/t")], t0, grace),
+            vec![InventoryUpdate::Upsert(f(2, "/t"))]
+        );
         assert!(s.expire(t0 + Duration::from_secs(119)).is_empty());
-        assert_eq!(s.expire(t0 + grace), vec![InventoryUpdate::Remove(f(1, "/t"))]);
+        assert_eq!(
+            s.expire(t0 + grace),
+            vec![InventoryUpdate::Remove(f(1, "/t"))]
+        );
         assert!(s.expire(t0 + grace * 2).is_empty());
         // Gone and back within the grace: no removal.
         s.apply(vec![], t0, grace);
-        assert_eq!(s.apply(vec![f(2, "/t")], t0, grace), vec![InventoryUpdate::Upsert(f(2, "/t"))]);
+        assert_eq!(
+            s.apply(vec![f(2, "/t")], t0, grace),
+            vec![InventoryUpdate::Upsert(f(2, "/t"))]
+        );
         assert!(s.expire(t0 + grace * 3).is_empty());
         // A changed description is an upsert.
-        assert_eq!(s.apply(vec![f(2, "/u")], t0, grace), vec![InventoryUpdate::Upsert(f(2, "/u"))]);
+        assert_eq!(
+            s.apply(vec![f(2, "/u")], t0, grace),
+            vec![InventoryUpdate::Upsert(f(2, "/u"))]
+        );
     }
 }
