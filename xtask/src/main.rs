@@ -38,7 +38,7 @@ enum Cmd {
         args: Vec<OsString>,
     },
     /// setup, build, `cargo fmt --check` (warning only), then `cargo test
-    /// --release` on the default members with DETECTOR_BIN set.
+    /// --release --no-fail-fast` on the default members with DETECTOR_BIN set.
     Test {
         /// Extra arguments for `cargo test --release` (after `--`), e.g.
         /// `-- -p detector-tests -- --nocapture`.
@@ -174,16 +174,27 @@ fn test(args: Vec<OsString>) -> Result<ExitCode> {
 
     println!("xtask: cargo fmt --all -- --check");
     match Command::new("cargo")
-        .args(["fmt", "--all", "--", "--check"])
+        .args(["fmt", "--all", "--", "--check", "--files-with-diff"])
         .current_dir(&root)
-        .stdout(std::process::Stdio::null())
-        .status()
+        .stderr(std::process::Stdio::null())
+        .output()
     {
-        Ok(s) if s.success() => println!("xtask: fmt: ok"),
-        Ok(_) => println!(
-            "xtask: WARNING: `cargo fmt --all -- --check` reports unformatted code \
-             (not failing the run; `cargo fmt --all` fixes it)"
-        ),
+        Ok(o) if o.status.success() => println!("xtask: fmt: ok"),
+        Ok(o) => {
+            let files: Vec<String> = String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .map(|l| {
+                    let p = Path::new(l.trim());
+                    p.strip_prefix(&root).unwrap_or(p).display().to_string()
+                })
+                .collect();
+            println!(
+                "xtask: WARNING: `cargo fmt --all -- --check` reports {} unformatted file(s) \
+                 (not failing the run; `cargo fmt --all` fixes them): {}",
+                files.len(),
+                files.join(" ")
+            );
+        }
         Err(e) => println!("xtask: WARNING: could not run cargo fmt: {e}"),
     }
 
@@ -195,12 +206,13 @@ fn test(args: Vec<OsString>) -> Result<ExitCode> {
     }
     let bin = detector_bin();
     println!(
-        "xtask: DETECTOR_BIN={} cargo test --release {}",
+        "xtask: DETECTOR_BIN={} cargo test --release --no-fail-fast {}",
         bin.display(),
         shell_words(&args)
     );
     let mut child = Command::new("cargo")
-        .args(["test", "--release"])
+        // --no-fail-fast: one failing test binary must not hide the others.
+        .args(["test", "--release", "--no-fail-fast"])
         .args(&args)
         .env("DETECTOR_BIN", &bin)
         .current_dir(&root)
@@ -218,7 +230,9 @@ fn test(args: Vec<OsString>) -> Result<ExitCode> {
             if let Some(rest) = line.strip_prefix("test result: ") {
                 for part in rest.split(';') {
                     let mut w = part.split_whitespace().rev();
-                    let (Some(what), Some(n)) = (w.next(), w.next()) else { continue };
+                    let (Some(what), Some(n)) = (w.next(), w.next()) else {
+                        continue;
+                    };
                     let n: u64 = n.parse().unwrap_or(0);
                     match what {
                         "passed" => passed += n,
@@ -236,5 +250,9 @@ fn test(args: Vec<OsString>) -> Result<ExitCode> {
     }
     // Last line of the run: the plain total CI reads.
     println!("total: {passed} passed, {failed} failed, {ignored} skipped");
-    Ok(if status.success() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if status.success() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
