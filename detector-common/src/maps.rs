@@ -72,7 +72,11 @@ pub struct AllowPorts {
 }
 
 impl AllowPorts {
-    pub const ANY: AllowPorts = AllowPorts { count: 0, _pad: 0, ports: [0; MAX_PORTS] };
+    pub const ANY: AllowPorts = AllowPorts {
+        count: 0,
+        _pad: 0,
+        ports: [0; MAX_PORTS],
+    };
 
     /// Verifier-friendly: constant bound, no slicing.
     #[inline(always)]
@@ -119,6 +123,10 @@ pub struct KernelOffsets {
     pub inode_i_ino: u32,
     pub inode_i_sb: u32,
     pub super_block_s_dev: u32,
+    pub task_cgroups: u32,
+    pub css_set_dfl_cgrp: u32,
+    pub cgroup_kn: u32,
+    pub kernfs_node_id: u32,
 }
 
 /// Runtime switches for the programs (a read-only global).

@@ -15,22 +15,24 @@
 use core::{mem::size_of, ptr::addr_of_mut};
 
 use aya_ebpf::{
-    EbpfContext,
     bindings::{BPF_F_NO_PREALLOC, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
-        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
-        bpf_get_current_task, bpf_get_current_uid_gid, bpf_ktime_get_boot_ns,
-        bpf_probe_read_kernel, bpf_probe_read_kernel_str_bytes, bpf_send_signal,
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_comm,
+        bpf_get_current_pid_tgid, bpf_get_current_task, bpf_get_current_uid_gid,
+        bpf_ktime_get_boot_ns, bpf_probe_read_kernel, bpf_probe_read_kernel_str_bytes,
+        bpf_send_signal,
     },
     macros::{cgroup_sock_addr, map, raw_tracepoint, tracepoint},
     maps::{lpm_trie::Key, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
     programs::{RawTracePointContext, SockAddrContext, TracePointContext},
+    EbpfContext,
 };
 use detector_common::{
-    decide, v4_mapped, AccessRoute, AllowKey4, AllowKey6, AllowPorts, CgroupEvent, CgroupPolicy, ConnectEvent,
-    ConnectSeenKey, CredentialAccessEvent, CredentialInfo, CredentialKey, DecisionInput, DenyRule,
-    EgressHook, EventHeader, EventKind, ExecEvent, ExitEvent, ForkEvent, Holder, KernelOffsets,
-    PolicyAction, ProgramConfig, Verdict, AF_INET, AF_INET6, COMM_LEN, EVENT_KINDS, FILENAME_LEN,
+    decide, v4_mapped, AccessRoute, AllowKey4, AllowKey6, AllowPorts, CgroupEvent, CgroupPolicy,
+    ConnectEvent, ConnectSeenKey, CredentialAccessEvent, CredentialInfo, CredentialKey,
+    DecisionInput, DenyRule, EgressHook, EventHeader, EventKind, ExecEvent, ExitEvent, ForkEvent,
+    Holder, KernelOffsets, PolicyAction, ProgramConfig, Verdict, AF_INET, AF_INET6, COMM_LEN,
+    EVENT_KINDS, FILENAME_LEN,
 };
 
 // ---- configuration written by userspace before load -------------------------
@@ -163,7 +165,49 @@ unsafe fn file_identity(off: &KernelOffsets, fd: u64) -> Result<(CredentialKey, 
     let sb: *const u8 = read_at(inode, off.inode_i_sb)?;
     let dev: u32 = read_at(sb, off.super_block_s_dev)?;
     let f_mode: u32 = read_at(file, off.file_f_mode)?;
-    Ok((CredentialKey { dev: dev as u64, ino }, f_mode))
+    Ok((
+        CredentialKey {
+            dev: dev as u64,
+            ino,
+        },
+        f_mode,
+    ))
+}
+
+/// `TOKEN=$(cat token); curl …`: the reader hands the credential to its
+/// parent through a pipe, and the parent starts the next program. A parent in
+/// the same cgroup becomes a holder too (unless it already is), at the moment
+/// of the read, so what it starts next inherits the credential. The cgroup
+/// check keeps container runtimes and other host parents out.
+#[inline(always)]
+fn taint_parent(off: &KernelOffsets, hdr: &EventHeader, holder: &Holder) {
+    unsafe {
+        let task = bpf_get_current_task() as *const u8;
+        let Ok(parent) = read_at::<*const u8>(task, off.task_real_parent) else {
+            return;
+        };
+        let Ok(ptgid) = read_at::<u32>(parent, off.task_tgid) else {
+            return;
+        };
+        if ptgid <= 1 || ptgid == hdr.tgid || HOLDERS.get(&ptgid).is_some() {
+            return;
+        }
+        let Ok(css) = read_at::<*const u8>(parent, off.task_cgroups) else {
+            return;
+        };
+        let Ok(cgrp) = read_at::<*const u8>(css, off.css_set_dfl_cgrp) else {
+            return;
+        };
+        let Ok(kn) = read_at::<*const u8>(cgrp, off.cgroup_kn) else {
+            return;
+        };
+        let Ok(id) = read_at::<u64>(kn, off.kernfs_node_id) else {
+            return;
+        };
+        if id == hdr.cgroup_id {
+            let _ = HOLDERS.insert(&ptgid, holder, 0);
+        }
+    }
 }
 
 #[inline(always)]
@@ -193,6 +237,7 @@ fn on_fd_returned(ctx: &TracePointContext, route: AccessRoute) -> u32 {
             since_ns: hdr.time_ns,
         };
         let _ = HOLDERS.insert(&hdr.tgid, &holder, 0);
+        taint_parent(&off, &hdr, &holder);
     }
     let Some(mut entry) = EVENTS.reserve::<CredentialAccessEvent>(0) else {
         bump(&LOST, EventKind::CredentialAccess);
@@ -305,7 +350,9 @@ pub fn sched_process_exec(ctx: TracePointContext) -> u32 {
     }
     let off = offsets();
     let hdr = header(EventKind::Exec);
-    let holder = unsafe { HOLDERS.get(&hdr.tgid) }.map(|h| h.credential_id).unwrap_or(0);
+    let holder = unsafe { HOLDERS.get(&hdr.tgid) }
+        .map(|h| h.credential_id)
+        .unwrap_or(0);
     let loc: u32 = unsafe { ctx.read_at(8) }.unwrap_or(0);
     let Some(mut entry) = EVENTS.reserve::<ExecEvent>(0) else {
         bump(&LOST, EventKind::Exec);
@@ -345,7 +392,9 @@ pub fn sched_process_exit(_ctx: RawTracePointContext) -> i32 {
     if hdr.pid != hdr.tgid {
         return 0; // a thread, not the process
     }
-    let holder = unsafe { HOLDERS.get(&hdr.tgid) }.map(|h| h.credential_id).unwrap_or(0);
+    let holder = unsafe { HOLDERS.get(&hdr.tgid) }
+        .map(|h| h.credential_id)
+        .unwrap_or(0);
     if holder != 0 {
         let _ = HOLDERS.remove(&hdr.tgid);
     }
@@ -355,7 +404,11 @@ pub fn sched_process_exit(_ctx: RawTracePointContext) -> i32 {
         bump(&LOST, EventKind::Exit);
         return 0;
     };
-    entry.write(ExitEvent { header: hdr, holder_credential: holder, _pad: 0 });
+    entry.write(ExitEvent {
+        header: hdr,
+        holder_credential: holder,
+        _pad: 0,
+    });
     entry.submit(submit_flags(false));
     bump(&EMITTED, EventKind::Exit);
     0
@@ -459,7 +512,12 @@ fn on_egress(ctx: &SockAddrContext, hook: EgressHook) -> i32 {
             addr[3] = a[3];
         }
         EgressHook::Connect6 | EgressHook::Sendmsg6 => {
-            let w = [sa.user_ip6[0], sa.user_ip6[1], sa.user_ip6[2], sa.user_ip6[3]];
+            let w = [
+                sa.user_ip6[0],
+                sa.user_ip6[1],
+                sa.user_ip6[2],
+                sa.user_ip6[3],
+            ];
             let mut full = [0u8; 16];
             let mut i = 0;
             while i < 4 {
@@ -489,8 +547,14 @@ fn on_egress(ctx: &SockAddrContext, hook: EgressHook) -> i32 {
     let tgid = (pid_tgid >> 32) as u32;
     let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
 
-    let holder = unsafe { HOLDERS.get(&tgid) }.map(|h| h.credential_id).unwrap_or(0);
-    let policy = if holder != 0 { policy_for(cgroup_id) } else { None };
+    let holder = unsafe { HOLDERS.get(&tgid) }
+        .map(|h| h.credential_id)
+        .unwrap_or(0);
+    let policy = if holder != 0 {
+        policy_for(cgroup_id)
+    } else {
+        None
+    };
     let allowed: Option<&AllowPorts> = match policy {
         None => None,
         Some(p) if family == AF_INET => {
@@ -504,7 +568,13 @@ fn on_egress(ctx: &SockAddrContext, hook: EgressHook) -> i32 {
             ALLOW4.get(&key)
         }
         Some(p) => {
-            let key = Key::new(160, AllowKey6 { policy_id_be: p.policy_id.to_be_bytes(), addr });
+            let key = Key::new(
+                160,
+                AllowKey6 {
+                    policy_id_be: p.policy_id.to_be_bytes(),
+                    addr,
+                },
+            );
             ALLOW6.get(&key)
         }
     };
@@ -520,7 +590,13 @@ fn on_egress(ctx: &SockAddrContext, hook: EgressHook) -> i32 {
 
     let notable = holder != 0 || verdict != Verdict::Allowed;
     if !notable && cfg.connect_dedup_ns != 0 {
-        let key = ConnectSeenKey { cgroup_id, tgid, port, family, addr };
+        let key = ConnectSeenKey {
+            cgroup_id,
+            tgid,
+            port,
+            family,
+            addr,
+        };
         let now = unsafe { bpf_ktime_get_boot_ns() };
         if let Some(last) = unsafe { CONNECT_SEEN.get(&key) } {
             if now.wrapping_sub(*last) < cfg.connect_dedup_ns {

@@ -16,7 +16,10 @@ use detector_common::KernelOffsets;
 #[derive(Debug, thiserror::Error)]
 pub enum BtfError {
     #[error("reading {path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("not BTF data: {0}")]
     Format(&'static str),
     #[error("kernel BTF has no struct {0}")]
@@ -24,7 +27,12 @@ pub enum BtfError {
     #[error("kernel BTF: struct {strukt} has no field {field}")]
     NoField { strukt: String, field: String },
     #[error("kernel BTF: {strukt}.{field} is {got} bytes, expected {want}")]
-    FieldSize { strukt: String, field: String, got: u32, want: u32 },
+    FieldSize {
+        strukt: String,
+        field: String,
+        got: u32,
+        want: u32,
+    },
     #[error("kernel BTF: {strukt}.{field} is a bitfield")]
     Bitfield { strukt: String, field: String },
 }
@@ -85,8 +93,10 @@ impl Btf {
     }
 
     pub fn from_file(path: &Path) -> Result<Self, BtfError> {
-        let data = std::fs::read(path)
-            .map_err(|source| BtfError::Io { path: path.display().to_string(), source })?;
+        let data = std::fs::read(path).map_err(|source| BtfError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
         Self::parse(&data)
     }
 
@@ -100,13 +110,25 @@ impl Btf {
         let type_len = u32_at(data, 12)? as usize;
         let str_off = u32_at(data, 16)? as usize;
         let str_len = u32_at(data, 20)? as usize;
-        let tstart = hdr_len.checked_add(type_off).ok_or(BtfError::Format("overflow"))?;
-        let tend = tstart.checked_add(type_len).ok_or(BtfError::Format("overflow"))?;
-        let sstart = hdr_len.checked_add(str_off).ok_or(BtfError::Format("overflow"))?;
-        let send = sstart.checked_add(str_len).ok_or(BtfError::Format("overflow"))?;
-        let tsec = data.get(tstart..tend).ok_or(BtfError::Format("type section out of bounds"))?;
-        let strings =
-            data.get(sstart..send).ok_or(BtfError::Format("string section out of bounds"))?.to_vec();
+        let tstart = hdr_len
+            .checked_add(type_off)
+            .ok_or(BtfError::Format("overflow"))?;
+        let tend = tstart
+            .checked_add(type_len)
+            .ok_or(BtfError::Format("overflow"))?;
+        let sstart = hdr_len
+            .checked_add(str_off)
+            .ok_or(BtfError::Format("overflow"))?;
+        let send = sstart
+            .checked_add(str_len)
+            .ok_or(BtfError::Format("overflow"))?;
+        let tsec = data
+            .get(tstart..tend)
+            .ok_or(BtfError::Format("type section out of bounds"))?;
+        let strings = data
+            .get(sstart..send)
+            .ok_or(BtfError::Format("string section out of bounds"))?
+            .to_vec();
 
         let mut types = Vec::new();
         let mut pos = 0usize;
@@ -118,7 +140,13 @@ impl Btf {
             let kind = (info >> 24) & 0x1f;
             let vlen = (info & 0xffff) as usize;
             let kind_flag = info >> 31 == 1;
-            let mut t = Type { name_off, kind, size_or_type, members: Vec::new(), array: None };
+            let mut t = Type {
+                name_off,
+                kind,
+                size_or_type,
+                members: Vec::new(),
+                array: None,
+            };
             match kind {
                 KIND_INT | KIND_VAR | KIND_DECL_TAG => pos += 4,
                 KIND_ARRAY => {
@@ -149,7 +177,11 @@ impl Btf {
             }
             types.push(t);
         }
-        let mut btf = Btf { types, strings, structs: HashMap::new() };
+        let mut btf = Btf {
+            types,
+            strings,
+            structs: HashMap::new(),
+        };
         for (i, t) in btf.types.iter().enumerate() {
             if t.kind == KIND_STRUCT && t.name_off != 0 {
                 let name = btf.name(t.name_off).to_string();
@@ -221,18 +253,31 @@ impl Btf {
 
     /// Byte offset of `strukt.field`, checking that the field is `size` bytes.
     pub fn field_offset(&self, strukt: &str, field: &str, size: u32) -> Result<u32, BtfError> {
-        let id = *self.structs.get(strukt).ok_or_else(|| BtfError::NoStruct(strukt.into()))?;
-        let t = self.ty(id).ok_or_else(|| BtfError::NoStruct(strukt.into()))?;
+        let id = *self
+            .structs
+            .get(strukt)
+            .ok_or_else(|| BtfError::NoStruct(strukt.into()))?;
+        let t = self
+            .ty(id)
+            .ok_or_else(|| BtfError::NoStruct(strukt.into()))?;
         let (bits, ty, bitfield) = self.find(t, field, 0).ok_or_else(|| BtfError::NoField {
             strukt: strukt.into(),
             field: field.into(),
         })?;
         if bitfield || bits % 8 != 0 {
-            return Err(BtfError::Bitfield { strukt: strukt.into(), field: field.into() });
+            return Err(BtfError::Bitfield {
+                strukt: strukt.into(),
+                field: field.into(),
+            });
         }
         let got = self.size_of(ty).unwrap_or(0);
         if got != size {
-            return Err(BtfError::FieldSize { strukt: strukt.into(), field: field.into(), got, want: size });
+            return Err(BtfError::FieldSize {
+                strukt: strukt.into(),
+                field: field.into(),
+                got,
+                want: size,
+            });
         }
         Ok(bits / 8)
     }
@@ -252,6 +297,10 @@ impl Btf {
             inode_i_ino: self.field_offset("inode", "i_ino", 8)?,
             inode_i_sb: self.field_offset("inode", "i_sb", 8)?,
             super_block_s_dev: self.field_offset("super_block", "s_dev", 4)?,
+            task_cgroups: self.field_offset("task_struct", "cgroups", 8)?,
+            css_set_dfl_cgrp: self.field_offset("css_set", "dfl_cgrp", 8)?,
+            cgroup_kn: self.field_offset("cgroup", "kn", 8)?,
+            kernfs_node_id: self.field_offset("kernfs_node", "id", 8)?,
         })
     }
 }
@@ -265,13 +314,23 @@ mod tests {
         let strings = b"\0int\0long\0outer\0a\0b\0".to_vec();
         // offsets: int=1 long=5 outer=10 a=16 b=18
         let mut types = Vec::new();
-        let mut push = |v: &[u32]| v.iter().for_each(|x| types.extend_from_slice(&x.to_le_bytes()));
+        let mut push = |v: &[u32]| {
+            v.iter()
+                .for_each(|x| types.extend_from_slice(&x.to_le_bytes()))
+        };
         push(&[1, KIND_INT << 24, 4, 32]); // 1: int
         push(&[5, KIND_INT << 24, 8, 64]); // 2: long
         push(&[0, (KIND_UNION << 24) | 1, 8, 18, 2, 0]); // 3: union { long b; }
         push(&[10, (KIND_STRUCT << 24) | 2, 16, 16, 1, 0, 0, 3, 64]); // 4: outer
         let mut out = Vec::new();
-        for v in [0xeb9f_u16 as u32 | (1 << 16), 24, 0, types.len() as u32, types.len() as u32, strings.len() as u32] {
+        for v in [
+            0xeb9f_u16 as u32 | (1 << 16),
+            24,
+            0,
+            types.len() as u32,
+            types.len() as u32,
+            strings.len() as u32,
+        ] {
             out.extend_from_slice(&v.to_le_bytes());
         }
         out.extend_from_slice(&types);
@@ -284,15 +343,27 @@ mod tests {
         let btf = Btf::parse(&blob()).unwrap();
         assert_eq!(btf.field_offset("outer", "a", 4).unwrap(), 0);
         assert_eq!(btf.field_offset("outer", "b", 8).unwrap(), 8);
-        assert!(matches!(btf.field_offset("outer", "b", 4), Err(BtfError::FieldSize { .. })));
-        assert!(matches!(btf.field_offset("outer", "zz", 4), Err(BtfError::NoField { .. })));
-        assert!(matches!(btf.field_offset("nope", "a", 4), Err(BtfError::NoStruct(_))));
+        assert!(matches!(
+            btf.field_offset("outer", "b", 4),
+            Err(BtfError::FieldSize { .. })
+        ));
+        assert!(matches!(
+            btf.field_offset("outer", "zz", 4),
+            Err(BtfError::NoField { .. })
+        ));
+        assert!(matches!(
+            btf.field_offset("nope", "a", 4),
+            Err(BtfError::NoStruct(_))
+        ));
     }
 
     #[test]
     fn rejects_garbage() {
         assert!(Btf::parse(b"").is_err());
-        assert!(Btf::parse(&[0x9f, 0xeb, 1, 0, 255, 255, 255, 255, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]).is_err());
+        assert!(Btf::parse(&[
+            0x9f, 0xeb, 1, 0, 255, 255, 255, 255, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0
+        ])
+        .is_err());
         let mut b = blob();
         b.truncate(b.len() - 30);
         assert!(Btf::parse(&b).is_err());

@@ -23,22 +23,27 @@ use tracing::{debug, error, info, warn};
 use crate::{
     aggregate::Aggregator,
     attribution::{cri::CriHandle, Attributor},
-    inventory::{spawn_watcher, InventoryConfig, InventoryUpdate},
     btf::Btf,
     cli::{Mode, RunSettings},
-    correlate::{Correlator, Judge, Lookup, NoIntents, WorkloadCtx},
+    correlate::{Correlator, Lookup, WorkloadCtx},
     credentials::{kernel_value, CredentialTable},
+    enforce::Enforcer,
     events::{decode, Event},
     finding::{Action, Credential, Finding, Workload},
+    inventory::{spawn_watcher, InventoryConfig, InventoryUpdate},
     learn::Learner,
     loader::{find_cgroup2_root, SensorConfig, Sensors},
     observe::{self, Metrics, Readiness},
+    policy::{spawn_reloader, spawn_resolver, DnsTable, IntentSet, PolicyWatch},
     sinks::SinkSet,
 };
 
 /// Wall-clock (realtime) ns minus boot-time ns, to date kernel events.
 fn boot_to_wall_offset_ns() -> i128 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     unsafe { libc::clock_gettime(libc::CLOCK_REALTIME, &mut ts) };
     let wall = ts.tv_sec as i128 * 1_000_000_000 + ts.tv_nsec as i128;
     wall - boottime_ns() as i128
@@ -60,12 +65,26 @@ struct Resolver<'a> {
     wall_offset_ns: i128,
 }
 
+fn workload_of(attribution: &mut Attributor, cgroup_id: u64) -> WorkloadCtx {
+    match attribution.resolve(cgroup_id) {
+        Some(info) => WorkloadCtx {
+            workload: info.to_workload(),
+            service_account: None,
+            labels: info.labels.clone(),
+        },
+        None => WorkloadCtx {
+            workload: Workload {
+                cgroup_id,
+                ..Default::default()
+            },
+            ..Default::default()
+        },
+    }
+}
+
 impl Lookup for Resolver<'_> {
     fn workload(&mut self, cgroup_id: u64) -> WorkloadCtx {
-        match self.attribution.resolve(cgroup_id) {
-            Some(info) => WorkloadCtx { workload: info.to_workload(), service_account: None, labels: info.labels.clone() },
-            None => WorkloadCtx { workload: Workload { cgroup_id, ..Default::default() }, ..Default::default() },
-        }
+        workload_of(self.attribution, cgroup_id)
     }
 
     fn credential(&self, id: u32) -> Option<Credential> {
@@ -79,7 +98,10 @@ impl Lookup for Resolver<'_> {
 
 /// Boot-time clock in ns: the clock the kernel stamps events with.
 pub fn boottime_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
@@ -106,7 +128,8 @@ struct Pipeline {
     lost_seen: Vec<u64>,
     correlator: Correlator,
     learner: Learner,
-    declared: Box<dyn Judge + Send>,
+    declared: Arc<IntentSet>,
+    enforcer: Enforcer,
     attribution: Attributor,
     aggregator: Aggregator,
     sinks: SinkSet,
@@ -114,7 +137,7 @@ struct Pipeline {
 }
 
 impl Pipeline {
-    fn handle_record(&mut self, bytes: &[u8], now_ns: u64) {
+    fn handle_record(&mut self, sensors: &mut Sensors, bytes: &[u8], now_ns: u64) {
         let event = match decode(bytes) {
             Ok(e) => e,
             Err(e) => {
@@ -127,7 +150,9 @@ impl Pipeline {
         self.metrics.events.with_label_values(&[kind.name()]).inc();
         let t = event.common().time_ns;
         if now_ns >= t {
-            self.metrics.processing_latency.observe((now_ns - t) as f64 / 1e9);
+            self.metrics
+                .processing_latency
+                .observe((now_ns - t) as f64 / 1e9);
         }
         if let Event::CredentialAccess(a) = &event {
             let ns = self
@@ -138,23 +163,62 @@ impl Pipeline {
             self.metrics.credential_reads.with_label_values(&[ns]).inc();
         }
         if let Some(out) = self.debug_out.as_mut() {
-            if let Err(e) = serde_json::to_writer(&mut *out, &event).map_err(std::io::Error::from).and_then(|_| out.write_all(b"\n")) {
+            if let Err(e) = serde_json::to_writer(&mut *out, &event)
+                .map_err(std::io::Error::from)
+                .and_then(|_| out.write_all(b"\n"))
+            {
                 warn!(error = %e, "writing debug events failed; disabling the debug stream");
                 self.debug_out = None;
             }
         }
         match &event {
-            Event::CgroupMkdir(c) => self.attribution.observe_mkdir(c.id, &c.path),
-            Event::CgroupRmdir(c) => self.attribution.observe_rmdir(c.id),
+            Event::CgroupMkdir(c) => {
+                self.attribution.observe_mkdir(c.id, &c.path);
+                if !self.declared.is_empty() {
+                    let ctx = workload_of(&mut self.attribution, c.id);
+                    self.enforcer.apply_cgroup(c.id, &ctx, &mut sensors.maps);
+                }
+            }
+            Event::CgroupRmdir(c) => {
+                self.attribution.observe_rmdir(c.id);
+                self.enforcer.forget_cgroup(c.id, &mut sensors.maps);
+            }
             _ => {}
         }
-        let mut resolver = Resolver { credentials: &self.credentials, attribution: &mut self.attribution, wall_offset_ns: self.wall_offset_ns };
-        let findings = self.correlator.on_event(&event, &mut resolver, self.declared.as_ref(), Some(&mut self.learner));
+        let mut resolver = Resolver {
+            credentials: &self.credentials,
+            attribution: &mut self.attribution,
+            wall_offset_ns: self.wall_offset_ns,
+        };
+        let findings = self.correlator.on_event(
+            &event,
+            &mut resolver,
+            self.declared.as_ref(),
+            Some(&mut self.learner),
+        );
         for f in findings {
             if let Some(f) = self.aggregator.offer(f, t) {
                 self.emit(&f);
             }
         }
+    }
+
+    /// Every cgroup the attributor knows, with its workload.
+    fn known_cgroups(&mut self) -> Vec<(u64, WorkloadCtx)> {
+        let ids: Vec<u64> = crate::attribution::walk_cgroups(self.attribution.root())
+            .into_keys()
+            .collect();
+        ids.into_iter()
+            .map(|id| (id, workload_of(&mut self.attribution, id)))
+            .collect()
+    }
+
+    fn install_intents(&mut self, sensors: &mut Sensors, set: Arc<IntentSet>) {
+        let cgroups = self.known_cgroups();
+        self.enforcer
+            .apply_set(set.clone(), &mut sensors.maps, &cgroups);
+        self.metrics.intents.set(set.len() as i64);
+        self.declared = set;
     }
 
     fn emit(&self, f: &Finding) {
@@ -164,13 +228,20 @@ impl Pipeline {
             Action::Killed => "killed",
         };
         let ns = f.workload.namespace.as_deref().unwrap_or("");
-        self.metrics.findings.with_label_values(&[f.kind.as_str(), action, ns]).inc_by(f.count.max(1));
+        self.metrics
+            .findings
+            .with_label_values(&[f.kind.as_str(), action, ns])
+            .inc_by(f.count.max(1));
         self.sinks.emit(f);
     }
 
     fn flush_aggregates(&mut self, all: bool) {
         let now = boottime_ns();
-        let due = if all { self.aggregator.flush_all() } else { self.aggregator.flush_due(now) };
+        let due = if all {
+            self.aggregator.flush_all()
+        } else {
+            self.aggregator.flush_due(now)
+        };
         for f in due {
             self.emit(&f);
         }
@@ -189,16 +260,29 @@ impl Pipeline {
         for (i, (kind, total)) in lost.into_iter().enumerate() {
             let prev = self.lost_seen[i];
             if total > prev {
-                self.metrics.events_lost.with_label_values(&[kind.name()]).inc_by(total - prev);
-                warn!(kind = kind.name(), lost = total - prev, "kernel events lost (ring buffer full)");
+                self.metrics
+                    .events_lost
+                    .with_label_values(&[kind.name()])
+                    .inc_by(total - prev);
+                warn!(
+                    kind = kind.name(),
+                    lost = total - prev,
+                    "kernel events lost (ring buffer full)"
+                );
             }
             self.lost_seen[i] = total;
         }
         self.metrics.credentials.set(self.credentials.len() as i64);
         let holders = sensors.maps.holders.keys().filter(|k| k.is_ok()).count();
         self.metrics.holders.set(holders as i64);
-        self.metrics.map_entries.with_label_values(&["holders"]).set(holders as i64);
-        self.metrics.map_entries.with_label_values(&["credentials"]).set(self.credentials.len() as i64);
+        self.metrics
+            .map_entries
+            .with_label_values(&["holders"])
+            .set(holders as i64);
+        self.metrics
+            .map_entries
+            .with_label_values(&["credentials"])
+            .set(self.credentials.len() as i64);
     }
 }
 
@@ -207,7 +291,10 @@ impl Pipeline {
     fn apply_inventory(&mut self, sensors: &mut Sensors, update: InventoryUpdate) -> bool {
         match update {
             InventoryUpdate::Upsert(f) => {
-                let key = CredentialKey { dev: kernel_dev_from_user(f.dev), ino: f.ino };
+                let key = CredentialKey {
+                    dev: kernel_dev_from_user(f.dev),
+                    ino: f.ino,
+                };
                 let (w, new) = self.credentials.upsert(key, f.to_finding());
                 if new {
                     if let Err(e) = sensors.maps.credentials.insert(key, kernel_value(w), 0) {
@@ -218,7 +305,10 @@ impl Pipeline {
                 false
             }
             InventoryUpdate::Remove(f) => {
-                let key = CredentialKey { dev: kernel_dev_from_user(f.dev), ino: f.ino };
+                let key = CredentialKey {
+                    dev: kernel_dev_from_user(f.dev),
+                    ino: f.ino,
+                };
                 if let Some(w) = self.credentials.remove(&key) {
                     let _ = sensors.maps.credentials.remove(&key);
                     info!(path = %f.path.display(), id = w.id, "credential gone; no longer watched");
@@ -267,24 +357,33 @@ pub async fn run(settings: RunSettings) -> Result<()> {
     for dir in &settings.deny_cgroup {
         match std::fs::metadata(dir) {
             Ok(md) if md.is_dir() => {
-                let rule = DenyRule { action: PolicyAction::Block as u32, _pad: 0 };
-                sensors.maps.deny_cgroup.insert(md.ino(), rule, 0).context("writing deny map")?;
+                let rule = DenyRule {
+                    action: PolicyAction::Block as u32,
+                    _pad: 0,
+                };
+                sensors
+                    .maps
+                    .deny_cgroup
+                    .insert(md.ino(), rule, 0)
+                    .context("writing deny map")?;
                 info!(cgroup = %dir.display(), id = md.ino(), "denying all egress of cgroup");
             }
             Ok(_) => error!(cgroup = %dir.display(), "--deny-cgroup is not a directory"),
             Err(e) => error!(cgroup = %dir.display(), error = %e, "--deny-cgroup cannot be read"),
         }
     }
-    metrics.policy_reload_success.set(1);
-    readiness.intents.store(true, Ordering::Release);
     readiness.probes.store(true, Ordering::Release);
 
     let debug_out = match &settings.debug_events {
         Some(spec) => Some(open_output(spec)?),
         None => None,
     };
-    let sinks = SinkSet::new(&settings.sinks, &metrics.registry).context("starting the finding sinks")?;
-    let mut correlator = Correlator::new(settings.trusted_host_readers.clone(), settings.mode == Mode::Observe);
+    let sinks =
+        SinkSet::new(&settings.sinks, &metrics.registry).context("starting the finding sinks")?;
+    let mut correlator = Correlator::new(
+        settings.trusted_host_readers.clone(),
+        settings.mode == Mode::Observe,
+    );
     correlator.processes.seed_from_proc();
     let mut pipeline = Pipeline {
         metrics: metrics.clone(),
@@ -293,12 +392,37 @@ pub async fn run(settings: RunSettings) -> Result<()> {
         lost_seen: Vec::new(),
         correlator,
         learner: Learner::new(settings.learn_window.as_nanos() as u64),
-        declared: Box::new(NoIntents),
+        declared: Arc::new(IntentSet::new(Vec::new())),
+        enforcer: Enforcer::default(),
         attribution: Attributor::new(&cgroup_root).with_cri(CriHandle::spawn(None)),
         aggregator: Aggregator::new(settings.aggregate_window.as_nanos() as u64),
         sinks,
         wall_offset_ns: boot_to_wall_offset_ns(),
     };
+
+    // Intents: loaded now, then hot-reloaded; host destinations re-resolved.
+    let mut policy: Option<PolicyWatch> = None;
+    let mut dns_changes = None;
+    if settings.policy.is_empty() {
+        info!("no intents given: learning each workload's readers and destinations (embedded default)");
+        metrics.policy_reload_success.set(1);
+        readiness.intents.store(true, Ordering::Release);
+    } else {
+        let dns = DnsTable::new();
+        let watch = spawn_reloader(settings.policy.clone(), dns.clone(), Duration::from_secs(2));
+        spawn_resolver(dns.clone(), Duration::from_secs(30));
+        dns_changes = Some(dns.subscribe());
+        let status = watch.status();
+        metrics.policy_reload_success.set(status.ok as i64);
+        pipeline.install_intents(&mut sensors, watch.current());
+        if status.ok {
+            readiness.intents.store(true, Ordering::Release);
+        } else {
+            error!(errors = status.error_count, "intents rejected at start-up: not ready until a valid set loads (see errors above)");
+        }
+        policy = Some(watch);
+    }
+    let mut reevaluate = tokio::time::interval(Duration::from_secs(10));
 
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
@@ -313,24 +437,44 @@ pub async fn run(settings: RunSettings) -> Result<()> {
         tokio::select! {
             guard = ring.readable_mut() => {
                 let mut guard = guard?;
-                drain(guard.get_inner_mut(), &mut pipeline);
+                drain(guard.get_inner_mut(), &mut pipeline, &mut sensors);
                 guard.clear_ready();
             }
-            _ = poll.tick() => drain(ring.get_mut(), &mut pipeline),
+            _ = poll.tick() => drain(ring.get_mut(), &mut pipeline, &mut sensors),
             Some(update) = inventory.recv() => {
                 if pipeline.apply_inventory(&mut sensors, update) && !readiness.inventory.swap(true, Ordering::AcqRel) {
                     info!(credentials = pipeline.credentials.len(), "inventory loaded; ready");
                 }
             }
             _ = stats.tick() => {
+                if let Some(p) = &policy {
+                    // A rejected reload changes only the status, not the set.
+                    metrics.policy_reload_success.set(p.status().ok as i64);
+                }
                 pipeline.refresh_stats(&sensors);
                 pipeline.flush_aggregates(false);
+            }
+            Some(()) = changed(policy.as_mut().map(|p| &mut p.intents)) => {
+                let w = policy.as_ref().expect("policy watch");
+                let status = w.status();
+                metrics.policy_reload_success.set(status.ok as i64);
+                pipeline.install_intents(&mut sensors, w.current());
+                readiness.intents.store(true, Ordering::Release);
+            }
+            Some(()) = changed(dns_changes.as_mut()) => {
+                let set = pipeline.declared.clone();
+                pipeline.install_intents(&mut sensors, set);
+            }
+            _ = reevaluate.tick(), if !pipeline.declared.is_empty() => {
+                // Names and labels from the runtime may arrive after a cgroup.
+                let set = pipeline.declared.clone();
+                pipeline.install_intents(&mut sensors, set);
             }
             _ = sigterm.recv() => { info!("SIGTERM: detaching"); break; }
             _ = sigint.recv() => { info!("SIGINT: detaching"); break; }
         }
     }
-    drain(ring.get_mut(), &mut pipeline);
+    drain(ring.get_mut(), &mut pipeline, &mut sensors);
     readiness.probes.store(false, Ordering::Release);
     drop(ring);
     drop(sensors);
@@ -347,16 +491,30 @@ pub async fn run(settings: RunSettings) -> Result<()> {
 
 fn write_learned(learner: &Learner, path: &Path) {
     match std::fs::write(path, learner.to_yaml()) {
-        Ok(()) => info!(path = %path.display(), workloads = learner.len(), "learned intents written"),
+        Ok(()) => {
+            info!(path = %path.display(), workloads = learner.len(), "learned intents written")
+        }
         Err(e) => error!(path = %path.display(), error = %e, "cannot write learned intents"),
     }
 }
 
-fn drain(ring: &mut aya::maps::RingBuf<aya::maps::MapData>, pipeline: &mut Pipeline) {
+/// Resolves when the watched value changes; never, without a watch.
+async fn changed<T>(rx: Option<&mut tokio::sync::watch::Receiver<T>>) -> Option<()> {
+    match rx {
+        Some(rx) => rx.changed().await.ok(),
+        None => std::future::pending().await,
+    }
+}
+
+fn drain(
+    ring: &mut aya::maps::RingBuf<aya::maps::MapData>,
+    pipeline: &mut Pipeline,
+    sensors: &mut Sensors,
+) {
     let now = boottime_ns();
     let mut n = 0;
     while let Some(item) = ring.next() {
-        pipeline.handle_record(&item, now);
+        pipeline.handle_record(sensors, &item, now);
         n += 1;
         if n >= 65536 {
             break; // let the other branches run; the poll tick resumes

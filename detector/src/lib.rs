@@ -16,6 +16,7 @@ pub mod cli;
 pub mod correlate;
 pub mod credentials;
 pub mod daemon;
+pub mod enforce;
 pub mod events;
 pub mod finding;
 pub mod inventory;

@@ -8,13 +8,13 @@ use std::{fs::File, path::Path};
 
 use anyhow::{anyhow, Context, Result};
 use aya::{
-    maps::{HashMap, MapData, PerCpuArray, RingBuf},
+    maps::{HashMap, LpmTrie, MapData, PerCpuArray, RingBuf},
     programs::{CgroupAttachMode, CgroupSockAddr, RawTracePoint, TracePoint},
     Ebpf, EbpfLoader,
 };
 use detector_common::{
-    names, CgroupPolicy, CredentialInfo, CredentialKey, DenyRule, EventKind, Holder, KernelOffsets,
-    ProgramConfig,
+    names, AllowKey4, AllowKey6, AllowPorts, CgroupPolicy, CredentialInfo, CredentialKey, DenyRule,
+    EventKind, Holder, KernelOffsets, ProgramConfig,
 };
 use tracing::{info, warn};
 
@@ -32,7 +32,12 @@ const FD_TRACEPOINTS: &[&str] = &[
 ];
 
 /// Programs every node must have; anything else is optional.
-const REQUIRED: &[&str] = &["sys_exit_openat", "sched_process_fork", "connect4", "connect6"];
+const REQUIRED: &[&str] = &[
+    "sys_exit_openat",
+    "sched_process_fork",
+    "connect4",
+    "connect6",
+];
 
 #[derive(Clone, Debug)]
 pub struct SensorConfig {
@@ -46,6 +51,8 @@ pub struct KernelMaps {
     pub credentials: HashMap<MapData, CredentialKey, CredentialInfo>,
     pub holders: HashMap<MapData, u32, Holder>,
     pub cgroup_policy: HashMap<MapData, u64, CgroupPolicy>,
+    pub allow4: LpmTrie<MapData, AllowKey4, AllowPorts>,
+    pub allow6: LpmTrie<MapData, AllowKey6, AllowPorts>,
     pub deny_cgroup: HashMap<MapData, u64, DenyRule>,
     pub deny_tgid: HashMap<MapData, u32, DenyRule>,
     pub lost: PerCpuArray<MapData, u64>,
@@ -86,16 +93,22 @@ where
     T: TryFrom<aya::maps::Map>,
     <T as TryFrom<aya::maps::Map>>::Error: std::error::Error + Send + Sync + 'static,
 {
-    let map = ebpf.take_map(name).ok_or_else(|| anyhow!("map {name} missing from the object"))?;
+    let map = ebpf
+        .take_map(name)
+        .ok_or_else(|| anyhow!("map {name} missing from the object"))?;
     T::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
 }
 
 fn raise_memlock() {
     // Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; later ones to the memcg.
-    if matches!(aya::util::KernelVersion::current(), Ok(v) if v >= aya::util::KernelVersion::new(5, 11, 0)) {
+    if matches!(aya::util::KernelVersion::current(), Ok(v) if v >= aya::util::KernelVersion::new(5, 11, 0))
+    {
         return;
     }
-    let lim = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    let lim = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
     if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &lim) } != 0 {
         warn!("could not raise RLIMIT_MEMLOCK; map creation may fail on old kernels");
     }
@@ -111,7 +124,15 @@ fn ensure_tracefs() {
     let src = std::ffi::CString::new("nodev").unwrap();
     let dst = std::ffi::CString::new("/sys/kernel/tracing").unwrap();
     let fstype = std::ffi::CString::new("tracefs").unwrap();
-    let rc = unsafe { libc::mount(src.as_ptr(), dst.as_ptr(), fstype.as_ptr(), 0, std::ptr::null()) };
+    let rc = unsafe {
+        libc::mount(
+            src.as_ptr(),
+            dst.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
     if rc == 0 {
         info!("mounted tracefs at /sys/kernel/tracing");
     } else {
@@ -120,9 +141,12 @@ fn ensure_tracefs() {
 }
 
 fn tracepoint_exists(category: &str, name: &str) -> bool {
-    ["/sys/kernel/tracing/events", "/sys/kernel/debug/tracing/events"]
-        .iter()
-        .any(|base| Path::new(base).join(category).join(name).exists())
+    [
+        "/sys/kernel/tracing/events",
+        "/sys/kernel/debug/tracing/events",
+    ]
+    .iter()
+    .any(|base| Path::new(base).join(category).join(name).exists())
 }
 
 impl Sensors {
@@ -146,7 +170,9 @@ impl Sensors {
         let mut attach_tp = |ebpf: &mut Ebpf, category: &str, name: &str| -> Result<()> {
             if !tracepoint_exists(category, name) {
                 if REQUIRED.contains(&name) {
-                    return Err(anyhow!("required tracepoint {category}/{name} does not exist"));
+                    return Err(anyhow!(
+                        "required tracepoint {category}/{name} does not exist"
+                    ));
                 }
                 info!(tracepoint = %format!("{category}/{name}"), "not present on this kernel; skipped");
                 return Ok(());
@@ -156,7 +182,8 @@ impl Sensors {
                 .ok_or_else(|| anyhow!("program {name} missing"))?
                 .try_into()?;
             prog.load().with_context(|| format!("loading {name}"))?;
-            prog.attach(category, name).with_context(|| format!("attaching {category}/{name}"))?;
+            prog.attach(category, name)
+                .with_context(|| format!("attaching {category}/{name}"))?;
             attached.push(format!("tracepoint/{category}/{name}"));
             Ok(())
         };
@@ -173,7 +200,8 @@ impl Sensors {
                 .ok_or_else(|| anyhow!("program {name} missing"))?
                 .try_into()?;
             prog.load().with_context(|| format!("loading {name}"))?;
-            prog.attach(name).with_context(|| format!("attaching raw_tp/{name}"))?;
+            prog.attach(name)
+                .with_context(|| format!("attaching raw_tp/{name}"))?;
             attached.push(format!("raw_tracepoint/{name}"));
         }
 
@@ -186,7 +214,9 @@ impl Sensors {
                 .try_into()?;
             prog.load().with_context(|| format!("loading {name}"))?;
             prog.attach(&cgroup, cgroup_attach_mode())
-                .with_context(|| format!("attaching cgroup/{name} at {}", cfg.cgroup_root.display()))?;
+                .with_context(|| {
+                    format!("attaching cgroup/{name} at {}", cfg.cgroup_root.display())
+                })?;
             attached.push(format!("cgroup/{name}"));
         }
 
@@ -195,12 +225,21 @@ impl Sensors {
             credentials: take(&mut ebpf, names::CREDENTIALS)?,
             holders: take(&mut ebpf, names::HOLDERS)?,
             cgroup_policy: take(&mut ebpf, names::CGROUP_POLICY)?,
+            allow4: take(&mut ebpf, names::ALLOW4)?,
+            allow6: take(&mut ebpf, names::ALLOW6)?,
             deny_cgroup: take(&mut ebpf, names::DENY_CGROUP)?,
             deny_tgid: take(&mut ebpf, names::DENY_TGID)?,
             lost: take(&mut ebpf, names::LOST)?,
             emitted: take(&mut ebpf, names::EMITTED)?,
         };
-        Ok((Sensors { _ebpf: ebpf, maps, attached }, events))
+        Ok((
+            Sensors {
+                _ebpf: ebpf,
+                maps,
+                attached,
+            },
+            events,
+        ))
     }
 }
 
@@ -219,7 +258,8 @@ fn cgroup_attach_mode() -> CgroupAttachMode {
 /// The cgroup-v2 mount: `/sys/fs/cgroup/unified` on hybrid hosts, else the
 /// first cgroup2 mount in /proc/self/mounts.
 pub fn find_cgroup2_root() -> Result<std::path::PathBuf> {
-    let mounts = std::fs::read_to_string("/proc/self/mounts").context("reading /proc/self/mounts")?;
+    let mounts =
+        std::fs::read_to_string("/proc/self/mounts").context("reading /proc/self/mounts")?;
     let mut found: Vec<&str> = mounts
         .lines()
         .filter_map(|l| {

@@ -1,0 +1,163 @@
+//! Intents enforced in the kernel: a holder in a cgroup selected by an
+//! intent is denied (EPERM) outside the intent's destinations, before any
+//! packet leaves; allowed ones pass; non-holders are untouched. The intent
+//! selects by cgroup path here (the runc-pod variants are in intent_e2e.rs).
+
+use std::{process::Stdio, time::Duration};
+
+use detector_tests::{net::CountingListener, require_root, u, Daemon, TestCgroup, Tmpfs};
+
+const PROBE: &str = env!("CARGO_BIN_EXE_probe");
+const WAIT: Duration = Duration::from_secs(10);
+
+/// In `cg`: open the credential (becoming a holder), then connect.
+fn read_then_connect(cg: &TestCgroup, token: &str, ip: &str, port: u16) -> (u32, String) {
+    let script = format!("{PROBE} read {token} && exec {PROBE} connect {ip} {port}");
+    let child = cg
+        .command("/bin/sh")
+        .arg("-c")
+        .arg(script)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let out = child.wait_with_output().unwrap();
+    (pid, String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+fn intent(dir: &std::path::Path, cg: &TestCgroup, allowed_port: u16, action: &str) -> String {
+    let rel = cg
+        .path
+        .strip_prefix(detector_tests::cgroup2_root())
+        .unwrap()
+        .display()
+        .to_string();
+    let path = dir.join("intent.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "apiVersion: detector.dev/v1alpha1\nkind: WorkloadIntent\nmetadata: {{name: test, namespace: tests}}\nspec:\n  selector:\n    cgroupPath: \"/{rel}\"\n  destinations:\n    - {{cidr: 127.0.0.1/32, ports: [{allowed_port}]}}\n  action: {action}\n"
+        ),
+    )
+    .unwrap();
+    path.display().to_string()
+}
+
+#[test]
+fn a_holder_is_denied_outside_its_intent_and_allowed_inside() {
+    require_root();
+    let fs = Tmpfs::new("enforce");
+    let token = fs.dir.join("token");
+    std::fs::write(&token, b"t").unwrap();
+    let cg = TestCgroup::new("enforce");
+    let allowed = CountingListener::bind("127.0.0.1:0");
+    let other = CountingListener::bind("127.0.0.1:0");
+    let policy = intent(&fs.dir, &cg, allowed.addr.port(), "block");
+    let d = Daemon::start(&[
+        "--credential-file",
+        token.to_str().unwrap(),
+        "--policy",
+        &policy,
+        "--connect-dedup-ms",
+        "0",
+    ])
+    .unwrap();
+    let token = token.to_str().unwrap();
+
+    let (pid, out) = read_then_connect(&cg, token, "127.0.0.1", other.addr.port());
+    assert_eq!(
+        out,
+        format!("errno={}", libc::EPERM),
+        "a holder outside its intent gets EPERM"
+    );
+    assert_eq!(other.accepted(), 0, "the listener never saw it");
+    let f = &d.wait_findings(WAIT, |f| {
+        f["kind"] == "unexpected_destination" && u(&f["process"], "pid") == pid as u64
+    })[0];
+    assert_eq!(
+        (f["action"].as_str(), f["intent"].as_str()),
+        (Some("blocked"), Some("tests/test"))
+    );
+    assert_eq!(u(&f["destination"], "port"), other.addr.port() as u64);
+    assert_eq!(u(&f["workload"], "cgroup_id"), cg.id);
+
+    let (_, out) = read_then_connect(&cg, token, "127.0.0.1", allowed.addr.port());
+    assert_eq!(out, "connected", "an allowed destination passes");
+    assert_eq!(allowed.accepted(), 1);
+
+    // Not a holder: the intent does not apply.
+    let non_holder = cg
+        .command(PROBE)
+        .args(["connect", "127.0.0.1", &other.addr.port().to_string()])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&non_holder.stdout).trim(),
+        "connected"
+    );
+}
+
+#[test]
+fn kill_action_kills_the_holder_before_it_connects_and_observe_only_alerts() {
+    require_root();
+    let fs = Tmpfs::new("kill");
+    let token = fs.dir.join("token");
+    std::fs::write(&token, b"t").unwrap();
+    let cg = TestCgroup::new("kill");
+    let l = CountingListener::bind("127.0.0.1:0");
+    let policy = intent(&fs.dir, &cg, 1, "kill");
+    let tok = token.to_str().unwrap();
+    {
+        let d = Daemon::start(&[
+            "--credential-file",
+            tok,
+            "--policy",
+            &policy,
+            "--connect-dedup-ms",
+            "0",
+        ])
+        .unwrap();
+        let child = cg
+            .command("/bin/sh")
+            .arg("-c")
+            .arg(format!(
+                "{PROBE} read {tok} && exec {PROBE} connect 127.0.0.1 {}",
+                l.addr.port()
+            ))
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        let out = child.wait_with_output().unwrap();
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(
+            out.status.signal(),
+            Some(libc::SIGKILL),
+            "the holder is killed: {out:?}"
+        );
+        assert_eq!(l.accepted(), 0, "no connection was established");
+        let f = &d.wait_findings(WAIT, |f| {
+            f["kind"] == "unexpected_destination" && u(&f["process"], "pid") == pid as u64
+        })[0];
+        assert_eq!(f["action"], "killed");
+    }
+    // Observe mode: the same intent only alerts; the connection goes through.
+    let d = Daemon::start(&[
+        "--credential-file",
+        tok,
+        "--policy",
+        &policy,
+        "--mode",
+        "observe",
+        "--connect-dedup-ms",
+        "0",
+    ])
+    .unwrap();
+    let (pid, out) = read_then_connect(&cg, tok, "127.0.0.1", l.addr.port());
+    assert_eq!(out, "connected");
+    assert_eq!(l.accepted(), 1);
+    let f = &d.wait_findings(WAIT, |f| {
+        f["kind"] == "unexpected_destination" && u(&f["process"], "pid") == pid as u64
+    })[0];
+    assert_eq!(f["action"], "alerted");
+}
