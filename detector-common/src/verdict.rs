@@ -154,12 +154,24 @@ mod tests {
 
     #[test]
     fn holder_outside_intent_is_denied_when_enforcing() {
-        assert_eq!(decide(&input()), (Verdict::Denied, VerdictReason::UnexpectedDestination));
-        let kill = DecisionInput { policy: Some(PolicyAction::Kill), ..input() };
+        assert_eq!(
+            decide(&input()),
+            (Verdict::Denied, VerdictReason::UnexpectedDestination)
+        );
+        let kill = DecisionInput {
+            policy: Some(PolicyAction::Kill),
+            ..input()
+        };
         assert_eq!(decide(&kill).0, Verdict::Killed);
-        let observe = DecisionInput { enforce: false, ..input() };
+        let observe = DecisionInput {
+            enforce: false,
+            ..input()
+        };
         assert_eq!(decide(&observe).0, Verdict::Flagged);
-        let alert = DecisionInput { policy: Some(PolicyAction::Alert), ..input() };
+        let alert = DecisionInput {
+            policy: Some(PolicyAction::Alert),
+            ..input()
+        };
         assert_eq!(decide(&alert).0, Verdict::Flagged);
     }
 
@@ -169,19 +181,39 @@ mod tests {
         p.count = 2;
         p.ports[0] = 443;
         p.ports[1] = 8200;
-        let ok = DecisionInput { allowed: Some(&p), ..input() };
-        assert_eq!(decide(&ok), (Verdict::Allowed, VerdictReason::AllowedDestination));
-        let bad_port = DecisionInput { allowed: Some(&p), port: 22, ..input() };
+        let ok = DecisionInput {
+            allowed: Some(&p),
+            ..input()
+        };
+        assert_eq!(
+            decide(&ok),
+            (Verdict::Allowed, VerdictReason::AllowedDestination)
+        );
+        let bad_port = DecisionInput {
+            allowed: Some(&p),
+            port: 22,
+            ..input()
+        };
         assert_eq!(decide(&bad_port).0, Verdict::Denied);
-        let any = DecisionInput { allowed: Some(&AllowPorts::ANY), port: 1, ..input() };
+        let any = DecisionInput {
+            allowed: Some(&AllowPorts::ANY),
+            port: 1,
+            ..input()
+        };
         assert_eq!(decide(&any).0, Verdict::Allowed);
     }
 
     #[test]
     fn non_holders_and_unpoliced_cgroups_pass() {
-        let nh = DecisionInput { is_holder: false, ..input() };
+        let nh = DecisionInput {
+            is_holder: false,
+            ..input()
+        };
         assert_eq!(decide(&nh), (Verdict::Allowed, VerdictReason::None));
-        let np = DecisionInput { policy: None, ..input() };
+        let np = DecisionInput {
+            policy: None,
+            ..input()
+        };
         assert_eq!(decide(&np), (Verdict::Allowed, VerdictReason::None));
     }
 
@@ -193,7 +225,10 @@ mod tests {
             ..input()
         };
         assert_eq!(decide(&d), (Verdict::Denied, VerdictReason::DenyCgroup));
-        let p = DecisionInput { deny_process: Some(PolicyAction::Kill), ..d };
+        let p = DecisionInput {
+            deny_process: Some(PolicyAction::Kill),
+            ..d
+        };
         assert_eq!(decide(&p), (Verdict::Killed, VerdictReason::DenyProcess));
     }
 
@@ -216,7 +251,10 @@ mod tests {
         // tmpfs-like anonymous device 0:45 and a disk 259:3 (nvme), plus a
         // large minor that spills into the high bits of the glibc encoding.
         let glibc = |major: u64, minor: u64| {
-            ((major & 0xfff) << 8) | ((major & !0xfff) << 32) | (minor & 0xff) | ((minor & !0xff) << 12)
+            ((major & 0xfff) << 8)
+                | ((major & !0xfff) << 32)
+                | (minor & 0xff)
+                | ((minor & !0xff) << 12)
         };
         assert_eq!(kernel_dev_from_user(glibc(0, 45)), 45);
         assert_eq!(kernel_dev_from_user(glibc(259, 3)), (259 << 20) | 3);

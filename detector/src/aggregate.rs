@@ -30,9 +30,16 @@ impl AggKey {
                 crate::finding::Action::Killed => "killed",
             },
             cgroup_id: f.workload.cgroup_id,
-            exe: f.process.exe.clone().or_else(|| Some(f.process.comm.clone())),
+            exe: f
+                .process
+                .exe
+                .clone()
+                .or_else(|| Some(f.process.comm.clone())),
             credential: f.credential.as_ref().map(|c| (c.dev, c.inode)),
-            destination: f.destination.as_ref().map(|d| format!("{}:{}/{}", d.ip, d.port, d.protocol)),
+            destination: f
+                .destination
+                .as_ref()
+                .map(|d| format!("{}:{}/{}", d.ip, d.port, d.protocol)),
         }
     }
 }
@@ -53,7 +60,11 @@ pub struct Aggregator {
 
 impl Aggregator {
     pub fn new(window_ns: u64) -> Self {
-        Aggregator { window_ns, open: HashMap::new(), max_keys: 100_000 }
+        Aggregator {
+            window_ns,
+            open: HashMap::new(),
+            max_keys: 100_000,
+        }
     }
 
     /// Offer a finding; returns it if it must be emitted now.
@@ -75,7 +86,14 @@ impl Aggregator {
                     return Some(f);
                 }
                 f.count = 1;
-                self.open.insert(key, Window { opened_ns: now_ns, suppressed: 0, latest: None });
+                self.open.insert(
+                    key,
+                    Window {
+                        opened_ns: now_ns,
+                        suppressed: 0,
+                        latest: None,
+                    },
+                );
                 Some(f)
             }
         }
@@ -93,13 +111,23 @@ impl Aggregator {
     }
 
     fn flush_if(&mut self, due: impl Fn(&Window) -> bool) -> Vec<Finding> {
-        let keys: Vec<AggKey> = self.open.iter().filter(|(_, w)| due(w)).map(|(k, _)| k.clone()).collect();
+        let keys: Vec<AggKey> = self
+            .open
+            .iter()
+            .filter(|(_, w)| due(w))
+            .map(|(k, _)| k.clone())
+            .collect();
         let mut out = Vec::new();
         for k in keys {
             if let Some(w) = self.open.remove(&k) {
                 if let Some(mut f) = w.latest {
                     f.count = w.suppressed;
-                    f.message = format!("{} (x{} more in {}s)", f.message, w.suppressed, self.window_ns / 1_000_000_000);
+                    f.message = format!(
+                        "{} (x{} more in {}s)",
+                        f.message,
+                        w.suppressed,
+                        self.window_ns / 1_000_000_000
+                    );
                     out.push(f);
                 }
             }
@@ -120,10 +148,22 @@ mod tests {
             severity: Severity::High,
             action: Action::Blocked,
             intent: None,
-            workload: Workload { cgroup_id: 7, ..Default::default() },
-            process: Process { pid: 1, comm: "curl".into(), exe: Some("/usr/bin/curl".into()), ..Default::default() },
+            workload: Workload {
+                cgroup_id: 7,
+                ..Default::default()
+            },
+            process: Process {
+                pid: 1,
+                comm: "curl".into(),
+                exe: Some("/usr/bin/curl".into()),
+                ..Default::default()
+            },
             credential: None,
-            destination: Some(Destination { ip: "127.0.0.1".parse().unwrap(), port, protocol: "tcp".into() }),
+            destination: Some(Destination {
+                ip: "127.0.0.1".parse().unwrap(),
+                port,
+                protocol: "tcp".into(),
+            }),
             mitre: vec![],
             count: 1,
             message: "m".into(),

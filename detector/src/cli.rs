@@ -8,7 +8,11 @@ use clap::{Parser, Subcommand, ValueEnum};
 use serde::Deserialize;
 
 #[derive(Debug, Parser)]
-#[command(name = "detector", version, about = "eBPF runtime credential-misuse detector for Kubernetes nodes")]
+#[command(
+    name = "detector",
+    version,
+    about = "eBPF runtime credential-misuse detector for Kubernetes nodes"
+)]
 pub struct Cli {
     /// Log format.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human, env = "DETECTOR_LOG_FORMAT")]
@@ -194,7 +198,8 @@ impl RunArgs {
             jsonl.path = path;
             sinks.jsonl = Some(jsonl);
         }
-        let pick_vec = |cli: Vec<PathBuf>, cfg: Vec<PathBuf>| if cli.is_empty() { cfg } else { cli };
+        let pick_vec =
+            |cli: Vec<PathBuf>, cfg: Vec<PathBuf>| if cli.is_empty() { cfg } else { cli };
         Ok(RunSettings {
             policy: pick_vec(self.policy, file.policy),
             kubelet_dir: self
@@ -211,14 +216,31 @@ impl RunArgs {
             credential_file: pick_vec(self.credential_file, file.credential_file),
             deny_cgroup: pick_vec(self.deny_cgroup, file.deny_cgroup),
             debug_events: self.debug_events.or(file.debug_events),
-            connect_dedup_ms: self.connect_dedup_ms.or(file.connect_dedup_ms).unwrap_or(1000),
+            connect_dedup_ms: self
+                .connect_dedup_ms
+                .or(file.connect_dedup_ms)
+                .unwrap_or(1000),
             sinks,
-            learn_window: self.learn_window.or(file.learn_window).unwrap_or(Duration::from_secs(600)),
+            learn_window: self
+                .learn_window
+                .or(file.learn_window)
+                .unwrap_or(Duration::from_secs(600)),
             learn_output: self.learn_output.or(file.learn_output),
-            aggregate_window: self.aggregate_window.or(file.aggregate_window).unwrap_or(Duration::from_secs(60)),
+            aggregate_window: self
+                .aggregate_window
+                .or(file.aggregate_window)
+                .unwrap_or(Duration::from_secs(60)),
             trusted_host_readers: {
-                let v = if self.trusted_host_reader.is_empty() { file.trusted_host_reader } else { self.trusted_host_reader };
-                if v.is_empty() { vec!["/usr/bin/kubelet".into(), "/usr/local/bin/kubelet".into()] } else { v }
+                let v = if self.trusted_host_reader.is_empty() {
+                    file.trusted_host_reader
+                } else {
+                    self.trusted_host_reader
+                };
+                if v.is_empty() {
+                    vec!["/usr/bin/kubelet".into(), "/usr/local/bin/kubelet".into()]
+                } else {
+                    v
+                }
             },
         })
     }
@@ -233,8 +255,16 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("detector-cli-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let cfg = dir.join("c.yaml");
-        std::fs::write(&cfg, "mode: observe\nalerts: /tmp/a.jsonl\nconnect_dedup_ms: 5\n").unwrap();
-        let args = RunArgs { config: Some(cfg.clone()), alerts: Some("-".into()), ..Default::default() };
+        std::fs::write(
+            &cfg,
+            "mode: observe\nalerts: /tmp/a.jsonl\nconnect_dedup_ms: 5\n",
+        )
+        .unwrap();
+        let args = RunArgs {
+            config: Some(cfg.clone()),
+            alerts: Some("-".into()),
+            ..Default::default()
+        };
         let s = args.resolve().unwrap();
         assert_eq!(s.mode, Mode::Observe);
         assert_eq!(s.alerts, "-");
@@ -243,7 +273,12 @@ mod tests {
         assert_eq!(s.sinks.jsonl.as_ref().map(|j| j.path.as_str()), Some("-"));
 
         std::fs::write(&cfg, "mode: observe\nbogus: 1\n").unwrap();
-        let err = RunArgs { config: Some(cfg.clone()), ..Default::default() }.resolve().unwrap_err();
+        let err = RunArgs {
+            config: Some(cfg.clone()),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap_err();
         let msg = err.to_string();
         assert!(msg.starts_with(&format!("{}:2:", cfg.display())), "{msg}");
         std::fs::remove_dir_all(&dir).unwrap();

@@ -108,7 +108,11 @@ fn action_of(v: Verdict) -> Action {
 
 impl Correlator {
     pub fn new(trusted_host_readers: Vec<String>, observe_only: bool) -> Self {
-        Correlator { processes: ProcessTable::default(), trusted_host_readers, observe_only }
+        Correlator {
+            processes: ProcessTable::default(),
+            trusted_host_readers,
+            observe_only,
+        }
     }
 
     /// Findings name the process (tgid), not the thread.
@@ -116,7 +120,11 @@ impl Correlator {
         let exe = self.processes.exe_of(tgid);
         Process {
             pid: tgid,
-            ppid: if ppid != 0 { ppid } else { self.processes.get(tgid).map(|p| p.ppid).unwrap_or(0) },
+            ppid: if ppid != 0 {
+                ppid
+            } else {
+                self.processes.get(tgid).map(|p| p.ppid).unwrap_or(0)
+            },
             exe,
             comm: comm.to_string(),
             ancestry: self.processes.ancestry(tgid),
@@ -141,20 +149,36 @@ impl Correlator {
         let place = match (&w.workload.namespace, &w.workload.pod, &w.workload.pod_uid) {
             (Some(ns), Some(pod), _) => format!("pod {ns}/{pod}"),
             (_, _, Some(uid)) => format!("pod {uid}"),
-            _ => format!("host cgroup {}", w.workload.cgroup_path.as_deref().unwrap_or("?")),
+            _ => format!(
+                "host cgroup {}",
+                w.workload.cgroup_path.as_deref().unwrap_or("?")
+            ),
         };
         let message = match kind {
-            FindingKind::UnexpectedReader => format!("{who} in {place} obtained credential {} not expected by its intent", credential.as_ref().map(|c| c.path.as_str()).unwrap_or("?")),
+            FindingKind::UnexpectedReader => format!(
+                "{who} in {place} obtained credential {} not expected by its intent",
+                credential.as_ref().map(|c| c.path.as_str()).unwrap_or("?")
+            ),
             FindingKind::UnexpectedDestination => format!(
                 "{who} in {place} holds credential {} and connected to {} outside its intent ({})",
                 credential.as_ref().map(|c| c.path.as_str()).unwrap_or("?"),
-                destination.as_ref().map(|d| format!("{}:{}/{}", d.ip, d.port, d.protocol)).unwrap_or_default(),
-                match action { Action::Alerted => "alerted", Action::Blocked => "blocked", Action::Killed => "killed" },
+                destination
+                    .as_ref()
+                    .map(|d| format!("{}:{}/{}", d.ip, d.port, d.protocol))
+                    .unwrap_or_default(),
+                match action {
+                    Action::Alerted => "alerted",
+                    Action::Blocked => "blocked",
+                    Action::Killed => "killed",
+                },
             ),
             FindingKind::ForeignCredential => format!(
                 "{who} in {place} obtained credential {} owned by pod {}",
                 credential.as_ref().map(|c| c.path.as_str()).unwrap_or("?"),
-                credential.as_ref().and_then(|c| c.owner_pod_uid.clone()).unwrap_or_default()
+                credential
+                    .as_ref()
+                    .and_then(|c| c.owner_pod_uid.clone())
+                    .unwrap_or_default()
             ),
             FindingKind::StaleReuse | FindingKind::CoverageDegraded => kind.as_str().to_string(),
         };
@@ -177,20 +201,36 @@ impl Correlator {
     /// Judge one event. A declared intent decides when one selects the
     /// workload; otherwise the learner learns (quietly, during its window)
     /// or judges with what it learned.
-    pub fn on_event(&mut self, ev: &Event, lk: &mut dyn Lookup, declared: &dyn Judge, learner: Option<&mut Learner>) -> Vec<Finding> {
+    pub fn on_event(
+        &mut self,
+        ev: &Event,
+        lk: &mut dyn Lookup,
+        declared: &dyn Judge,
+        learner: Option<&mut Learner>,
+    ) -> Vec<Finding> {
         self.processes.observe(ev);
         match ev {
             Event::CredentialAccess(a) => self.on_access(a, lk, declared, learner),
-            Event::Connect(c) if c.holder_credential != 0 => self.on_holder_connect(c, lk, declared, learner),
+            Event::Connect(c) if c.holder_credential != 0 => {
+                self.on_holder_connect(c, lk, declared, learner)
+            }
             _ => Vec::new(),
         }
     }
 
-    fn on_access(&mut self, a: &CredentialAccess, lk: &mut dyn Lookup, declared: &dyn Judge, learner: Option<&mut Learner>) -> Vec<Finding> {
+    fn on_access(
+        &mut self,
+        a: &CredentialAccess,
+        lk: &mut dyn Lookup,
+        declared: &dyn Judge,
+        learner: Option<&mut Learner>,
+    ) -> Vec<Finding> {
         if !a.readable {
             return Vec::new(); // kubelet writing a rotated token, not a read
         }
-        let Some(cred) = lk.credential(a.credential_id) else { return Vec::new() };
+        let Some(cred) = lk.credential(a.credential_id) else {
+            return Vec::new();
+        };
         let w = lk.workload(a.common.cgroup_id);
         let process = self.process(a.common.tgid, a.ppid, &a.comm, Some(a.uid));
         let exe = process.exe.clone().unwrap_or_default();
@@ -202,7 +242,17 @@ impl Correlator {
                 None => !exe_matches(&exe, &self.trusted_host_readers),
             };
             if foreign {
-                out.push(self.finding(&*lk, a.common.time_ns, FindingKind::ForeignCredential, Action::Alerted, None, &w, process, Some(cred), None));
+                out.push(self.finding(
+                    &*lk,
+                    a.common.time_ns,
+                    FindingKind::ForeignCredential,
+                    Action::Alerted,
+                    None,
+                    &w,
+                    process,
+                    Some(cred),
+                    None,
+                ));
                 return out;
             }
         }
@@ -216,22 +266,43 @@ impl Correlator {
             }),
         };
         if let Some((false, intent)) = verdict {
-            out.push(self.finding(&*lk, a.common.time_ns, FindingKind::UnexpectedReader, Action::Alerted, Some(&intent), &w, process, Some(cred), None));
+            out.push(self.finding(
+                &*lk,
+                a.common.time_ns,
+                FindingKind::UnexpectedReader,
+                Action::Alerted,
+                Some(&intent),
+                &w,
+                process,
+                Some(cred),
+                None,
+            ));
         }
         out
     }
 
-    fn on_holder_connect(&mut self, c: &Connect, lk: &mut dyn Lookup, declared: &dyn Judge, learner: Option<&mut Learner>) -> Vec<Finding> {
+    fn on_holder_connect(
+        &mut self,
+        c: &Connect,
+        lk: &mut dyn Lookup,
+        declared: &dyn Judge,
+        learner: Option<&mut Learner>,
+    ) -> Vec<Finding> {
         let w = lk.workload(c.common.cgroup_id);
         let cred = lk.credential(c.holder_credential);
-        let destination = Destination { ip: c.addr, port: c.port, protocol: c.protocol.as_str().to_string() };
+        let destination = Destination {
+            ip: c.addr,
+            port: c.port,
+            protocol: c.protocol.as_str().to_string(),
+        };
         let judged = match declared.intent_for(&w) {
             Some(i) => Some((declared.allows_destination(&i, c.addr, c.port), i)),
             None => learner.and_then(|l| {
                 if l.observe_destination(&w, c.addr, c.port, c.common.time_ns) {
                     return None; // still learning
                 }
-                l.intent_for(&w).map(|i| (l.allows_destination(&i, c.addr, c.port), i))
+                l.intent_for(&w)
+                    .map(|i| (l.allows_destination(&i, c.addr, c.port), i))
             }),
         };
         let kernel_judged = c.reason == "unexpected_destination";
@@ -242,9 +313,23 @@ impl Correlator {
         }
         // Deny-list verdicts (manual quarantine) are reported as such too.
         let kind = FindingKind::UnexpectedDestination;
-        let action = if self.observe_only { Action::Alerted } else { action_of(c.verdict_typed) };
+        let action = if self.observe_only {
+            Action::Alerted
+        } else {
+            action_of(c.verdict_typed)
+        };
         let process = self.process(c.common.tgid, 0, &c.comm, None);
-        vec![self.finding(&*lk, c.common.time_ns, kind, action, intent.as_ref(), &w, process, cred, Some(destination))]
+        vec![self.finding(
+            &*lk,
+            c.common.time_ns,
+            kind,
+            action,
+            intent.as_ref(),
+            &w,
+            process,
+            cred,
+            Some(destination),
+        )]
     }
 }
 
@@ -260,10 +345,16 @@ mod tests {
 
     impl Lookup for Fixed {
         fn workload(&mut self, cgroup_id: u64) -> WorkloadCtx {
-            self.workloads.get(&cgroup_id).cloned().unwrap_or_else(|| WorkloadCtx {
-                workload: Workload { cgroup_id, ..Default::default() },
-                ..Default::default()
-            })
+            self.workloads
+                .get(&cgroup_id)
+                .cloned()
+                .unwrap_or_else(|| WorkloadCtx {
+                    workload: Workload {
+                        cgroup_id,
+                        ..Default::default()
+                    },
+                    ..Default::default()
+                })
         }
         fn credential(&self, id: u32) -> Option<Credential> {
             self.creds.get(&id).cloned()
@@ -276,7 +367,11 @@ mod tests {
     struct OneIntent;
     impl Judge for OneIntent {
         fn intent_for(&self, w: &WorkloadCtx) -> Option<IntentRef> {
-            (w.workload.pod_uid.as_deref() == Some("pod-a")).then(|| IntentRef { name: "ns/a".into(), action: PolicyAction::Block, index: 0 })
+            (w.workload.pod_uid.as_deref() == Some("pod-a")).then(|| IntentRef {
+                name: "ns/a".into(),
+                action: PolicyAction::Block,
+                index: 0,
+            })
         }
         fn allows_reader(&self, _: &IntentRef, exe: &str) -> bool {
             exe == "/app/server"
@@ -288,23 +383,50 @@ mod tests {
 
     fn fixture() -> Fixed {
         let pod = |uid: &str, id: u64| WorkloadCtx {
-            workload: Workload { pod_uid: Some(uid.into()), cgroup_id: id, ..Default::default() },
+            workload: Workload {
+                pod_uid: Some(uid.into()),
+                cgroup_id: id,
+                ..Default::default()
+            },
             ..Default::default()
         };
         Fixed {
-            workloads: [(1, pod("pod-a", 1)), (2, pod("pod-b", 2))].into_iter().collect(),
-            creds: [(7, Credential { kind: "kubernetes-serviceaccount".into(), path: "/t".into(), owner_pod_uid: Some("pod-a".into()), inode: 1, dev: 1 })]
+            workloads: [(1, pod("pod-a", 1)), (2, pod("pod-b", 2))]
                 .into_iter()
                 .collect(),
+            creds: [(
+                7,
+                Credential {
+                    kind: "kubernetes-serviceaccount".into(),
+                    path: "/t".into(),
+                    owner_pod_uid: Some("pod-a".into()),
+                    inode: 1,
+                    dev: 1,
+                },
+            )]
+            .into_iter()
+            .collect(),
         }
     }
 
     fn common(tgid: u32, cg: u64) -> Common {
-        Common { time_ns: 1, pid: tgid, tgid, cgroup_id: cg }
+        Common {
+            time_ns: 1,
+            pid: tgid,
+            tgid,
+            cgroup_id: cg,
+        }
     }
 
     fn exec(c: &mut Correlator, tgid: u32, cg: u64, exe: &str) {
-        let ev = Event::Exec(Exec { common: common(tgid, cg), ppid: 1, uid: 0, comm: "x".into(), filename: exe.into(), holder_credential: 0 });
+        let ev = Event::Exec(Exec {
+            common: common(tgid, cg),
+            ppid: 1,
+            uid: 0,
+            comm: "x".into(),
+            filename: exe.into(),
+            holder_credential: 0,
+        });
         c.on_event(&ev, &mut fixture(), &NoIntents, None);
     }
 
@@ -325,7 +447,14 @@ mod tests {
         })
     }
 
-    fn connect(tgid: u32, cg: u64, ip: [u8; 4], port: u16, verdict: Verdict, reason: &'static str) -> Event {
+    fn connect(
+        tgid: u32,
+        cg: u64,
+        ip: [u8; 4],
+        port: u16,
+        verdict: Verdict,
+        reason: &'static str,
+    ) -> Event {
         Event::Connect(Connect {
             common: common(tgid, cg),
             comm: "x".into(),
@@ -344,8 +473,17 @@ mod tests {
     fn expected_reader_and_destination_are_quiet() {
         let mut c = Correlator::new(vec![], false);
         exec(&mut c, 100, 1, "/app/server");
-        assert!(c.on_event(&access(100, 1), &mut fixture(), &OneIntent, None).is_empty());
-        let ok = connect(100, 1, [10, 96, 0, 1], 443, Verdict::Allowed, "allowed_destination");
+        assert!(c
+            .on_event(&access(100, 1), &mut fixture(), &OneIntent, None)
+            .is_empty());
+        let ok = connect(
+            100,
+            1,
+            [10, 96, 0, 1],
+            443,
+            Verdict::Allowed,
+            "allowed_destination",
+        );
         assert!(c.on_event(&ok, &mut fixture(), &OneIntent, None).is_empty());
     }
 
@@ -355,13 +493,42 @@ mod tests {
         exec(&mut c, 101, 1, "/bin/sh");
         let f = c.on_event(&access(101, 1), &mut fixture(), &OneIntent, None);
         assert_eq!(f.len(), 1);
-        assert_eq!((f[0].kind, f[0].process.exe.as_deref(), f[0].intent.as_deref()), (FindingKind::UnexpectedReader, Some("/bin/sh"), Some("ns/a")));
-        let blocked = connect(101, 1, [169, 254, 1, 1], 8080, Verdict::Denied, "unexpected_destination");
+        assert_eq!(
+            (
+                f[0].kind,
+                f[0].process.exe.as_deref(),
+                f[0].intent.as_deref()
+            ),
+            (FindingKind::UnexpectedReader, Some("/bin/sh"), Some("ns/a"))
+        );
+        let blocked = connect(
+            101,
+            1,
+            [169, 254, 1, 1],
+            8080,
+            Verdict::Denied,
+            "unexpected_destination",
+        );
         let f = c.on_event(&blocked, &mut fixture(), &OneIntent, None);
-        assert_eq!((f[0].kind, f[0].action), (FindingKind::UnexpectedDestination, Action::Blocked));
+        assert_eq!(
+            (f[0].kind, f[0].action),
+            (FindingKind::UnexpectedDestination, Action::Blocked)
+        );
         assert_eq!(f[0].destination.as_ref().unwrap().port, 8080);
         let mut observe = Correlator::new(vec![], true);
-        let f = observe.on_event(&connect(101, 1, [169, 254, 1, 1], 8080, Verdict::Flagged, "unexpected_destination"), &mut fixture(), &OneIntent, None);
+        let f = observe.on_event(
+            &connect(
+                101,
+                1,
+                [169, 254, 1, 1],
+                8080,
+                Verdict::Flagged,
+                "unexpected_destination",
+            ),
+            &mut fixture(),
+            &OneIntent,
+            None,
+        );
         assert_eq!(f[0].action, Action::Alerted);
     }
 
@@ -369,8 +536,16 @@ mod tests {
     fn userspace_judges_what_the_kernel_did_not() {
         // No kernel policy yet (reason none), but the intent forbids it.
         let mut c = Correlator::new(vec![], false);
-        let f = c.on_event(&connect(102, 1, [1, 2, 3, 4], 80, Verdict::Allowed, "none"), &mut fixture(), &OneIntent, None);
-        assert_eq!((f[0].kind, f[0].action), (FindingKind::UnexpectedDestination, Action::Alerted));
+        let f = c.on_event(
+            &connect(102, 1, [1, 2, 3, 4], 80, Verdict::Allowed, "none"),
+            &mut fixture(),
+            &OneIntent,
+            None,
+        );
+        assert_eq!(
+            (f[0].kind, f[0].action),
+            (FindingKind::UnexpectedDestination, Action::Alerted)
+        );
     }
 
     #[test]
@@ -378,11 +553,23 @@ mod tests {
         let mut c = Correlator::new(vec!["/usr/bin/kubelet".into()], false);
         exec(&mut c, 103, 2, "/app/server");
         let f = c.on_event(&access(103, 2), &mut fixture(), &OneIntent, None);
-        assert_eq!(f[0].kind, FindingKind::ForeignCredential, "pod b reading pod a's token");
+        assert_eq!(
+            f[0].kind,
+            FindingKind::ForeignCredential,
+            "pod b reading pod a's token"
+        );
         exec(&mut c, 104, 99, "/usr/bin/cat");
-        assert_eq!(c.on_event(&access(104, 99), &mut fixture(), &NoIntents, None)[0].kind, FindingKind::ForeignCredential, "host process");
+        assert_eq!(
+            c.on_event(&access(104, 99), &mut fixture(), &NoIntents, None)[0].kind,
+            FindingKind::ForeignCredential,
+            "host process"
+        );
         exec(&mut c, 105, 99, "/usr/bin/kubelet");
-        assert!(c.on_event(&access(105, 99), &mut fixture(), &NoIntents, None).is_empty(), "kubelet is trusted");
+        assert!(
+            c.on_event(&access(105, 99), &mut fixture(), &NoIntents, None)
+                .is_empty(),
+            "kubelet is trusted"
+        );
     }
 
     #[test]
@@ -390,9 +577,18 @@ mod tests {
         let mut c = Correlator::new(vec![], false);
         exec(&mut c, 106, 1, "/app/server");
         let mut learning = Learner::new(u64::MAX);
-        assert!(c.on_event(&access(106, 1), &mut fixture(), &NoIntents, Some(&mut learning)).is_empty());
+        assert!(c
+            .on_event(
+                &access(106, 1),
+                &mut fixture(),
+                &NoIntents,
+                Some(&mut learning)
+            )
+            .is_empty());
         let to = connect(106, 1, [1, 1, 1, 1], 53, Verdict::Allowed, "none");
-        assert!(c.on_event(&to, &mut fixture(), &NoIntents, Some(&mut learning)).is_empty());
+        assert!(c
+            .on_event(&to, &mut fixture(), &NoIntents, Some(&mut learning))
+            .is_empty());
         // A learner whose window is over judges: nothing was learned, so the
         // reader is unexpected (an attacker arriving after the window).
         let mut done = Learner::new(0);

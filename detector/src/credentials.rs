@@ -28,7 +28,10 @@ pub struct CredentialTable {
 pub fn key_of(path: &Path) -> Result<CredentialKey> {
     let md = std::fs::metadata(path).with_context(|| format!("stat {}", path.display()))?;
     anyhow::ensure!(md.is_file(), "{} is not a regular file", path.display());
-    Ok(CredentialKey { dev: kernel_dev_from_user(md.dev()), ino: md.ino() })
+    Ok(CredentialKey {
+        dev: kernel_dev_from_user(md.dev()),
+        ino: md.ino(),
+    })
 }
 
 impl CredentialTable {
@@ -42,7 +45,14 @@ impl CredentialTable {
                 self.next_id = self.next_id.wrapping_add(1).max(1);
             }
             self.by_id.insert(self.next_id, key);
-            self.by_key.insert(key, Watched { id: self.next_id, key, meta: meta.clone() });
+            self.by_key.insert(
+                key,
+                Watched {
+                    id: self.next_id,
+                    key,
+                    meta: meta.clone(),
+                },
+            );
             new = true;
         }
         let w = self.by_key.get_mut(&key).expect("just inserted");
@@ -83,7 +93,11 @@ mod tests {
     use super::*;
 
     fn meta(path: &str) -> Credential {
-        Credential { kind: "custom".into(), path: path.into(), ..Default::default() }
+        Credential {
+            kind: "custom".into(),
+            path: path.into(),
+            ..Default::default()
+        }
     }
 
     #[test]

@@ -10,8 +10,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use detector_common as common;
 use detector_common::{
-    c_str_bytes, AccessRoute, EgressHook, EventHeader, EventKind, Verdict, VerdictReason,
-    AF_INET, AF_INET6, IPPROTO_TCP, IPPROTO_UDP,
+    c_str_bytes, AccessRoute, EgressHook, EventHeader, EventKind, Verdict, VerdictReason, AF_INET,
+    AF_INET6, IPPROTO_TCP, IPPROTO_UDP,
 };
 use serde::Serialize;
 
@@ -22,7 +22,11 @@ pub enum DecodeError {
     #[error("unknown event kind {0}")]
     UnknownKind(u16),
     #[error("{kind} record has {got} bytes, expected {want}")]
-    Length { kind: &'static str, got: usize, want: usize },
+    Length {
+        kind: &'static str,
+        got: usize,
+        want: usize,
+    },
     #[error("{field} has unknown value {value}")]
     BadValue { field: &'static str, value: u64 },
 }
@@ -170,7 +174,11 @@ impl Event {
 fn read_exact<T: Copy>(bytes: &[u8], kind: &'static str) -> Result<T, DecodeError> {
     let want = std::mem::size_of::<T>();
     if bytes.len() != want {
-        return Err(DecodeError::Length { kind, got: bytes.len(), want });
+        return Err(DecodeError::Length {
+            kind,
+            got: bytes.len(),
+            want,
+        });
     }
     // SAFETY: the length is checked above and `T` is one of the
     // `detector-common` records, made only of integers and byte arrays, for
@@ -183,7 +191,12 @@ fn text(bytes: &[u8]) -> String {
 }
 
 fn common(h: &EventHeader) -> Common {
-    Common { time_ns: h.time_ns, pid: h.pid, tgid: h.tgid, cgroup_id: h.cgroup_id }
+    Common {
+        time_ns: h.time_ns,
+        pid: h.pid,
+        tgid: h.tgid,
+        cgroup_id: h.cgroup_id,
+    }
 }
 
 /// Decode one ring-buffer record.
@@ -197,8 +210,10 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
     Ok(match kind {
         EventKind::CredentialAccess => {
             let e: common::CredentialAccessEvent = read_exact(bytes, kind.name())?;
-            let route = AccessRoute::from_u16(e.route)
-                .ok_or(DecodeError::BadValue { field: "route", value: e.route.into() })?;
+            let route = AccessRoute::from_u16(e.route).ok_or(DecodeError::BadValue {
+                field: "route",
+                value: e.route.into(),
+            })?;
             Event::CredentialAccess(CredentialAccess {
                 common: common(&e.header),
                 ppid: e.ppid,
@@ -237,12 +252,20 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
         }
         EventKind::Exit => {
             let e: common::ExitEvent = read_exact(bytes, kind.name())?;
-            Event::Exit(Exit { common: common(&e.header), holder_credential: e.holder_credential })
+            Event::Exit(Exit {
+                common: common(&e.header),
+                holder_credential: e.holder_credential,
+            })
         }
         EventKind::CgroupMkdir | EventKind::CgroupRmdir => {
             let e: common::CgroupEvent = read_exact(bytes, kind.name())?;
             let n = (e.path_len as usize).min(e.path.len());
-            let c = Cgroup { common: common(&e.header), id: e.id, level: e.level, path: text(&e.path[..n]) };
+            let c = Cgroup {
+                common: common(&e.header),
+                id: e.id,
+                level: e.level,
+                path: text(&e.path[..n]),
+            };
             if kind == EventKind::CgroupMkdir {
                 Event::CgroupMkdir(c)
             } else {
@@ -254,14 +277,25 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
             let addr = match e.family {
                 AF_INET => IpAddr::V4(Ipv4Addr::new(e.addr[0], e.addr[1], e.addr[2], e.addr[3])),
                 AF_INET6 => IpAddr::V6(Ipv6Addr::from(e.addr)),
-                other => return Err(DecodeError::BadValue { field: "family", value: other.into() }),
+                other => {
+                    return Err(DecodeError::BadValue {
+                        field: "family",
+                        value: other.into(),
+                    })
+                }
             };
-            let hook = EgressHook::from_u8(e.hook)
-                .ok_or(DecodeError::BadValue { field: "hook", value: e.hook.into() })?;
-            let verdict = Verdict::from_u8(e.verdict)
-                .ok_or(DecodeError::BadValue { field: "verdict", value: e.verdict.into() })?;
-            let reason = VerdictReason::from_u8(e.reason)
-                .ok_or(DecodeError::BadValue { field: "reason", value: e.reason.into() })?;
+            let hook = EgressHook::from_u8(e.hook).ok_or(DecodeError::BadValue {
+                field: "hook",
+                value: e.hook.into(),
+            })?;
+            let verdict = Verdict::from_u8(e.verdict).ok_or(DecodeError::BadValue {
+                field: "verdict",
+                value: e.verdict.into(),
+            })?;
+            let reason = VerdictReason::from_u8(e.reason).ok_or(DecodeError::BadValue {
+                field: "reason",
+                value: e.reason.into(),
+            })?;
             let protocol = match e.protocol {
                 IPPROTO_TCP => Protocol::Tcp,
                 IPPROTO_UDP => Protocol::Udp,
@@ -318,8 +352,10 @@ mod tests {
 
     fn bytes_of<T>(v: &T) -> Vec<u8> {
         // SAFETY: reading the bytes of a plain repr(C) value.
-        unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), std::mem::size_of::<T>()) }
-            .to_vec()
+        unsafe {
+            std::slice::from_raw_parts((v as *const T).cast::<u8>(), std::mem::size_of::<T>())
+        }
+        .to_vec()
     }
 
     fn connect() -> ConnectEvent {
@@ -345,9 +381,14 @@ mod tests {
 
     #[test]
     fn decodes_connect() {
-        let Event::Connect(c) = decode(&bytes_of(&connect())).unwrap() else { panic!() };
+        let Event::Connect(c) = decode(&bytes_of(&connect())).unwrap() else {
+            panic!()
+        };
         assert_eq!(c.addr, IpAddr::V4(Ipv4Addr::LOCALHOST));
-        assert_eq!((c.port, c.comm.as_str(), c.verdict, c.reason), (8080, "curl", "denied", "deny_cgroup"));
+        assert_eq!(
+            (c.port, c.comm.as_str(), c.verdict, c.reason),
+            (8080, "curl", "denied", "deny_cgroup")
+        );
         assert_eq!(c.common.cgroup_id, 99);
     }
 
@@ -358,13 +399,28 @@ mod tests {
         b[0] = 77;
         assert_eq!(decode(&b), Err(DecodeError::UnknownKind(77)));
         let b = bytes_of(&connect());
-        assert!(matches!(decode(&b[..b.len() - 1]), Err(DecodeError::Length { .. })));
+        assert!(matches!(
+            decode(&b[..b.len() - 1]),
+            Err(DecodeError::Length { .. })
+        ));
         let mut bad = connect();
         bad.verdict = 200;
-        assert!(matches!(decode(&bytes_of(&bad)), Err(DecodeError::BadValue { field: "verdict", .. })));
+        assert!(matches!(
+            decode(&bytes_of(&bad)),
+            Err(DecodeError::BadValue {
+                field: "verdict",
+                ..
+            })
+        ));
         let mut fam = connect();
         fam.family = 1;
-        assert!(matches!(decode(&bytes_of(&fam)), Err(DecodeError::BadValue { field: "family", .. })));
+        assert!(matches!(
+            decode(&bytes_of(&fam)),
+            Err(DecodeError::BadValue {
+                field: "family",
+                ..
+            })
+        ));
     }
 
     #[test]

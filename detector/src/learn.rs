@@ -42,11 +42,16 @@ pub struct Learner {
 pub fn pod_base_name(pod: &str) -> &str {
     let parts: Vec<&str> = pod.rsplitn(3, '-').collect();
     let hashy = |s: &str, min: usize, max: usize| {
-        (min..=max).contains(&s.len()) && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit()) && s.chars().any(|c| c.is_ascii_lowercase())
+        (min..=max).contains(&s.len())
+            && s.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+            && s.chars().any(|c| c.is_ascii_lowercase())
     };
     match parts.as_slice() {
         [pod_hash, rs_hash, base] if hashy(pod_hash, 5, 5) && hashy(rs_hash, 6, 10) => base,
-        [pod_hash, rest @ ..] if hashy(pod_hash, 5, 5) && !rest.is_empty() => &pod[..pod.len() - pod_hash.len() - 1],
+        [pod_hash, rest @ ..] if hashy(pod_hash, 5, 5) && !rest.is_empty() => {
+            &pod[..pod.len() - pod_hash.len() - 1]
+        }
         _ => pod,
     }
 }
@@ -63,7 +68,12 @@ pub fn workload_key(w: &WorkloadCtx) -> Option<String> {
 
 impl Learner {
     pub fn new(window_ns: u64) -> Self {
-        Learner { window_ns, keys: Vec::new(), slots: HashMap::new(), profiles: Vec::new() }
+        Learner {
+            window_ns,
+            keys: Vec::new(),
+            slots: HashMap::new(),
+            profiles: Vec::new(),
+        }
     }
 
     fn slot(&mut self, w: &WorkloadCtx, now_ns: u64) -> Option<usize> {
@@ -72,7 +82,11 @@ impl Learner {
             return Some(i);
         }
         let i = self.profiles.len();
-        self.profiles.push(Profile { first_seen_ns: now_ns, ctx: w.clone(), ..Default::default() });
+        self.profiles.push(Profile {
+            first_seen_ns: now_ns,
+            ctx: w.clone(),
+            ..Default::default()
+        });
         self.keys.push(key.clone());
         self.slots.insert(key, i);
         Some(i)
@@ -84,7 +98,9 @@ impl Learner {
 
     /// Record a credential reader; true while the workload is still learning.
     pub fn observe_reader(&mut self, w: &WorkloadCtx, exe: &str, now_ns: u64) -> bool {
-        let Some(i) = self.slot(w, now_ns) else { return false };
+        let Some(i) = self.slot(w, now_ns) else {
+            return false;
+        };
         if self.learning(i, now_ns) {
             self.profiles[i].readers.insert(exe.to_string());
             return true;
@@ -93,8 +109,16 @@ impl Learner {
     }
 
     /// Record a holder's destination; true while the workload is still learning.
-    pub fn observe_destination(&mut self, w: &WorkloadCtx, ip: IpAddr, port: u16, now_ns: u64) -> bool {
-        let Some(i) = self.slot(w, now_ns) else { return false };
+    pub fn observe_destination(
+        &mut self,
+        w: &WorkloadCtx,
+        ip: IpAddr,
+        port: u16,
+        now_ns: u64,
+    ) -> bool {
+        let Some(i) = self.slot(w, now_ns) else {
+            return false;
+        };
         if self.learning(i, now_ns) {
             self.profiles[i].destinations.insert((ip, port));
             return true;
@@ -135,15 +159,23 @@ impl Judge for Learner {
         if self.learning(i, now) {
             return None;
         }
-        Some(IntentRef { name: format!("learned:{key}"), action: PolicyAction::Alert, index: i })
+        Some(IntentRef {
+            name: format!("learned:{key}"),
+            action: PolicyAction::Alert,
+            index: i,
+        })
     }
 
     fn allows_reader(&self, intent: &IntentRef, exe: &str) -> bool {
-        self.profiles.get(intent.index).is_some_and(|p| p.readers.contains(exe))
+        self.profiles
+            .get(intent.index)
+            .is_some_and(|p| p.readers.contains(exe))
     }
 
     fn allows_destination(&self, intent: &IntentRef, ip: IpAddr, port: u16) -> bool {
-        self.profiles.get(intent.index).is_some_and(|p| p.destinations.contains(&(ip, port)))
+        self.profiles
+            .get(intent.index)
+            .is_some_and(|p| p.destinations.contains(&(ip, port)))
     }
 }
 
@@ -196,11 +228,21 @@ struct Spec {
 fn dns_label(s: &str) -> String {
     let mut out: String = s
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
         .collect();
     out.truncate(63);
     let t = out.trim_matches('-').to_string();
-    if t.is_empty() { "workload".into() } else { t }
+    if t.is_empty() {
+        "workload".into()
+    } else {
+        t
+    }
 }
 
 fn render(key: &str, p: &Profile) -> Doc {
@@ -210,12 +252,32 @@ fn render(key: &str, p: &Profile) -> Doc {
         _ => (dns_label(key), "default".to_string()),
     };
     // Select as the workload, not the pod instance, when we know enough.
-    let selector = if wl.namespace.is_some() && (!p.ctx.labels.is_empty() || p.ctx.service_account.is_some()) {
-        Selector { namespace: wl.namespace.clone(), service_account: p.ctx.service_account.clone(), pod_labels: p.ctx.labels.clone(), pod_uid: None, cgroup_path: None }
+    let selector = if wl.namespace.is_some()
+        && (!p.ctx.labels.is_empty() || p.ctx.service_account.is_some())
+    {
+        Selector {
+            namespace: wl.namespace.clone(),
+            service_account: p.ctx.service_account.clone(),
+            pod_labels: p.ctx.labels.clone(),
+            pod_uid: None,
+            cgroup_path: None,
+        }
     } else if let Some(uid) = &wl.pod_uid {
-        Selector { namespace: None, service_account: None, pod_labels: BTreeMap::new(), pod_uid: Some(uid.clone()), cgroup_path: None }
+        Selector {
+            namespace: None,
+            service_account: None,
+            pod_labels: BTreeMap::new(),
+            pod_uid: Some(uid.clone()),
+            cgroup_path: None,
+        }
     } else {
-        Selector { namespace: None, service_account: None, pod_labels: BTreeMap::new(), pod_uid: None, cgroup_path: wl.cgroup_path.clone() }
+        Selector {
+            namespace: None,
+            service_account: None,
+            pod_labels: BTreeMap::new(),
+            pod_uid: None,
+            cgroup_path: wl.cgroup_path.clone(),
+        }
     };
     let mut by_ip: BTreeMap<IpAddr, Vec<u16>> = BTreeMap::new();
     for (ip, port) in &p.destinations {
@@ -223,13 +285,21 @@ fn render(key: &str, p: &Profile) -> Doc {
     }
     let destinations = by_ip
         .into_iter()
-        .map(|(ip, ports)| Dest { cidr: format!("{ip}/{}", if ip.is_ipv4() { 32 } else { 128 }), ports })
+        .map(|(ip, ports)| Dest {
+            cidr: format!("{ip}/{}", if ip.is_ipv4() { 32 } else { 128 }),
+            ports,
+        })
         .collect();
     Doc {
         api_version: "detector.dev/v1alpha1",
         kind: "WorkloadIntent",
         metadata: Meta { name, namespace },
-        spec: Spec { selector, readers: p.readers.iter().cloned().collect(), destinations, action: "alert" },
+        spec: Spec {
+            selector,
+            readers: p.readers.iter().cloned().collect(),
+            destinations,
+            action: "alert",
+        },
     }
 }
 
@@ -239,12 +309,22 @@ mod tests {
     use crate::finding::Workload;
 
     fn pod(uid: &str) -> WorkloadCtx {
-        WorkloadCtx { workload: Workload { pod_uid: Some(uid.into()), cgroup_id: 3, ..Default::default() }, ..Default::default() }
+        WorkloadCtx {
+            workload: Workload {
+                pod_uid: Some(uid.into()),
+                cgroup_id: 3,
+                ..Default::default()
+            },
+            ..Default::default()
+        }
     }
 
     #[test]
     fn generated_pod_suffixes_are_stripped() {
-        assert_eq!(pod_base_name("payments-api-7d9f8b6c5-x2k4q"), "payments-api");
+        assert_eq!(
+            pod_base_name("payments-api-7d9f8b6c5-x2k4q"),
+            "payments-api"
+        );
         assert_eq!(pod_base_name("agent-x2k4q"), "agent");
         assert_eq!(pod_base_name("web-0"), "web-0");
         assert_eq!(pod_base_name("plain"), "plain");
@@ -258,11 +338,19 @@ mod tests {
         assert!(l.observe_destination(&w, "10.96.0.1".parse().unwrap(), 443, 2));
         assert!(l.intent_for(&w).is_none(), "still learning: quiet");
         let yaml = l.to_yaml();
-        assert!(yaml.contains("podUID: u1") && yaml.contains("/app/server") && yaml.contains("10.96.0.1/32"), "{yaml}");
+        assert!(
+            yaml.contains("podUID: u1")
+                && yaml.contains("/app/server")
+                && yaml.contains("10.96.0.1/32"),
+            "{yaml}"
+        );
 
         let mut done = Learner::new(0);
         done.observe_reader(&w, "/app/server", 1);
         let i = done.intent_for(&w).expect("window over: judged");
-        assert!(!done.allows_reader(&i, "/app/server"), "a zero window learns nothing");
+        assert!(
+            !done.allows_reader(&i, "/app/server"),
+            "a zero window learns nothing"
+        );
     }
 }

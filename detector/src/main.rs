@@ -25,7 +25,9 @@ fn main() -> ExitCode {
                 .build()?
                 .block_on(detector::daemon::run(settings))
         }),
-        Command::Policy { command: PolicyCommand::Check { paths } } => {
+        Command::Policy {
+            command: PolicyCommand::Check { paths },
+        } => {
             // WIRE: detector::policy::check_cli once the policy module lands.
             let _ = paths;
             Err(anyhow::anyhow!("policy check is not wired yet"))

@@ -50,7 +50,11 @@ impl Metrics {
             registry.register(Box::new(g.clone()))?;
             Ok(g)
         };
-        let events = counter_vec("detector_events_total", "Kernel events received, by kind.", &["kind"])?;
+        let events = counter_vec(
+            "detector_events_total",
+            "Kernel events received, by kind.",
+            &["kind"],
+        )?;
         let events_lost = counter_vec(
             "detector_events_lost_total",
             "Kernel events that could not be delivered (ring buffer full), by kind.",
@@ -76,11 +80,16 @@ impl Metrics {
                 "detector_processing_latency_seconds",
                 "Time from the kernel seeing an event to userspace having handled it.",
             )
-            .buckets(vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0]),
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+            ]),
         )?;
         registry.register(Box::new(processing_latency.clone()))?;
         let map_entries = IntGaugeVec::new(
-            Opts::new("detector_map_entries", "Entries in the kernel maps, by map."),
+            Opts::new(
+                "detector_map_entries",
+                "Entries in the kernel maps, by map.",
+            ),
             &["map"],
         )?;
         registry.register(Box::new(map_entries.clone()))?;
@@ -95,8 +104,14 @@ impl Metrics {
             events_lost,
             decode_errors,
             findings,
-            credentials: gauge("detector_credentials", "Credential files watched in the kernel map.")?,
-            holders: gauge("detector_holders", "Processes currently holding a credential.")?,
+            credentials: gauge(
+                "detector_credentials",
+                "Credential files watched in the kernel map.",
+            )?,
+            holders: gauge(
+                "detector_holders",
+                "Processes currently holding a credential.",
+            )?,
             credential_reads,
             probes_attached: gauge("detector_probes_attached", "Kernel programs attached.")?,
             policy_reload_success: gauge(
@@ -141,7 +156,10 @@ struct AppState {
 
 async fn metrics_handler(State(s): State<AppState>) -> impl IntoResponse {
     (
-        [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         s.metrics.render(),
     )
 }
@@ -160,7 +178,11 @@ async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
 
 /// Bind the metrics address now (so a bad address fails start-up) and serve
 /// in the background.
-pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>, readiness: Arc<Readiness>) -> Result<SocketAddr> {
+pub async fn serve(
+    addr: SocketAddr,
+    metrics: Arc<Metrics>,
+    readiness: Arc<Readiness>,
+) -> Result<SocketAddr> {
     let app = Router::new()
         .route("/metrics", get(metrics_handler))
         .route("/healthz", get(healthz))

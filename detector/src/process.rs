@@ -48,15 +48,25 @@ fn proc_ppid(pid: u32) -> Option<u32> {
 }
 
 fn proc_comm(pid: u32) -> String {
-    std::fs::read_to_string(format!("/proc/{pid}/comm")).map(|s| s.trim_end().to_string()).unwrap_or_default()
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .map(|s| s.trim_end().to_string())
+        .unwrap_or_default()
 }
 
 impl ProcessTable {
     /// Seed from /proc so processes started before the daemon have names.
     pub fn seed_from_proc(&mut self) {
-        let Ok(dir) = std::fs::read_dir("/proc") else { return };
+        let Ok(dir) = std::fs::read_dir("/proc") else {
+            return;
+        };
         for entry in dir.flatten() {
-            let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|s| s.parse::<u32>().ok())
+            else {
+                continue;
+            };
             self.procs.entry(pid).or_insert_with(|| ProcInfo {
                 ppid: proc_ppid(pid).unwrap_or(0),
                 exe: proc_exe(pid),
@@ -82,20 +92,38 @@ impl ProcessTable {
     /// Update from a kernel event.
     pub fn observe(&mut self, ev: &Event) {
         match ev {
-            Event::Fork(Fork { common, parent_tgid, comm, .. }) => {
+            Event::Fork(Fork {
+                common,
+                parent_tgid,
+                comm,
+                ..
+            }) => {
                 let exe = self.procs.get(parent_tgid).and_then(|p| p.exe.clone());
-                self.insert(common.tgid, ProcInfo {
-                    ppid: *parent_tgid,
-                    exe,
-                    comm: comm.clone(),
-                    cgroup_id: common.cgroup_id,
-                    exited_ns: None,
-                });
+                self.insert(
+                    common.tgid,
+                    ProcInfo {
+                        ppid: *parent_tgid,
+                        exe,
+                        comm: comm.clone(),
+                        cgroup_id: common.cgroup_id,
+                        exited_ns: None,
+                    },
+                );
             }
-            Event::Exec(Exec { common, ppid, comm, filename, .. }) => {
+            Event::Exec(Exec {
+                common,
+                ppid,
+                comm,
+                filename,
+                ..
+            }) => {
                 // The kernel's filename may be relative ("./x"); /proc has the
                 // resolved path while the process lives.
-                let exe = if filename.starts_with('/') { Some(filename.clone()) } else { proc_exe(common.tgid).or(Some(filename.clone())) };
+                let exe = if filename.starts_with('/') {
+                    Some(filename.clone())
+                } else {
+                    proc_exe(common.tgid).or(Some(filename.clone()))
+                };
                 let e = self.procs.entry(common.tgid).or_default();
                 e.exe = exe;
                 e.comm = comm.clone();
@@ -147,11 +175,14 @@ impl ProcessTable {
             return Some(e);
         }
         let exe = proc_exe(pid)?;
-        self.procs.entry(pid).or_insert_with(|| ProcInfo {
-            ppid: proc_ppid(pid).unwrap_or(0),
-            comm: proc_comm(pid),
-            ..Default::default()
-        }).exe = Some(exe.clone());
+        self.procs
+            .entry(pid)
+            .or_insert_with(|| ProcInfo {
+                ppid: proc_ppid(pid).unwrap_or(0),
+                comm: proc_comm(pid),
+                ..Default::default()
+            })
+            .exe = Some(exe.clone());
         Some(exe)
     }
 
@@ -191,22 +222,71 @@ mod tests {
     use crate::events::{Common, Exit};
 
     fn c(tgid: u32, t: u64) -> Common {
-        Common { time_ns: t, pid: tgid, tgid, cgroup_id: 5 }
+        Common {
+            time_ns: t,
+            pid: tgid,
+            tgid,
+            cgroup_id: 5,
+        }
     }
 
     #[test]
     fn lineage_from_events() {
         let mut t = ProcessTable::default();
-        t.observe(&Event::Exec(Exec { common: c(10, 1), ppid: 1, uid: 0, comm: "server".into(), filename: "/app/server".into(), holder_credential: 0 }));
-        t.observe(&Event::Fork(Fork { common: c(11, 2), parent_tgid: 10, comm: "server".into(), inherited_credential: 1 }));
-        assert_eq!(t.get(11).unwrap().exe.as_deref(), Some("/app/server"), "a fork runs the parent's image");
-        t.observe(&Event::Exec(Exec { common: c(11, 3), ppid: 10, uid: 0, comm: "sh".into(), filename: "/bin/sh".into(), holder_credential: 1 }));
-        t.observe(&Event::Fork(Fork { common: c(12, 4), parent_tgid: 11, comm: "sh".into(), inherited_credential: 1 }));
-        t.observe(&Event::Exec(Exec { common: c(12, 5), ppid: 11, uid: 0, comm: "curl".into(), filename: "/usr/bin/curl".into(), holder_credential: 1 }));
-        assert_eq!(t.ancestry(12), vec!["/bin/sh".to_string(), "/app/server".to_string()]);
-        t.observe(&Event::Exit(Exit { common: c(12, 6), holder_credential: 1 }));
+        t.observe(&Event::Exec(Exec {
+            common: c(10, 1),
+            ppid: 1,
+            uid: 0,
+            comm: "server".into(),
+            filename: "/app/server".into(),
+            holder_credential: 0,
+        }));
+        t.observe(&Event::Fork(Fork {
+            common: c(11, 2),
+            parent_tgid: 10,
+            comm: "server".into(),
+            inherited_credential: 1,
+        }));
+        assert_eq!(
+            t.get(11).unwrap().exe.as_deref(),
+            Some("/app/server"),
+            "a fork runs the parent's image"
+        );
+        t.observe(&Event::Exec(Exec {
+            common: c(11, 3),
+            ppid: 10,
+            uid: 0,
+            comm: "sh".into(),
+            filename: "/bin/sh".into(),
+            holder_credential: 1,
+        }));
+        t.observe(&Event::Fork(Fork {
+            common: c(12, 4),
+            parent_tgid: 11,
+            comm: "sh".into(),
+            inherited_credential: 1,
+        }));
+        t.observe(&Event::Exec(Exec {
+            common: c(12, 5),
+            ppid: 11,
+            uid: 0,
+            comm: "curl".into(),
+            filename: "/usr/bin/curl".into(),
+            holder_credential: 1,
+        }));
+        assert_eq!(
+            t.ancestry(12),
+            vec!["/bin/sh".to_string(), "/app/server".to_string()]
+        );
+        t.observe(&Event::Exit(Exit {
+            common: c(12, 6),
+            holder_credential: 1,
+        }));
         assert!(t.get(12).is_some(), "kept after exit for late events");
-        t.observe(&Event::Exit(Exit { common: c(11, 6 + EXITED_RETENTION_NS + 1), holder_credential: 1 }));
+        t.observe(&Event::Exit(Exit {
+            common: c(11, 6 + EXITED_RETENTION_NS + 1),
+            holder_credential: 1,
+        }));
         assert!(t.get(12).is_none(), "expired after retention");
     }
 

@@ -9,9 +9,13 @@ use detector_common::Holder;
 
 fn fdinfo_ids(pid: u32, key: &str) -> BTreeSet<u32> {
     let mut ids = BTreeSet::new();
-    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else { return ids };
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
+        return ids;
+    };
     for entry in dir.flatten() {
-        let Ok(text) = std::fs::read_to_string(entry.path()) else { continue };
+        let Ok(text) = std::fs::read_to_string(entry.path()) else {
+            continue;
+        };
         for line in text.lines() {
             if let Some(v) = line.strip_prefix(key) {
                 if let Ok(id) = v.trim().parse() {
@@ -30,13 +34,18 @@ pub fn program_ids_of(pid: u32) -> BTreeSet<u32> {
 
 /// Ids of the BPF programs loaded in the kernel right now.
 pub fn loaded_program_ids() -> BTreeSet<u32> {
-    aya::programs::loaded_programs().filter_map(|p| p.ok()).map(|p| p.id()).collect()
+    aya::programs::loaded_programs()
+        .filter_map(|p| p.ok())
+        .map(|p| p.id())
+        .collect()
 }
 
 fn map_of(pid: u32, name: &str) -> Option<MapData> {
     fdinfo_ids(pid, "map_id:").into_iter().find_map(|id| {
         let info = MapInfo::from_id(id).ok()?;
-        (info.name_as_str() == Some(name)).then(|| MapData::from_id(id).ok()).flatten()
+        (info.name_as_str() == Some(name))
+            .then(|| MapData::from_id(id).ok())
+            .flatten()
     })
 }
 

@@ -20,6 +20,7 @@ use serde_json::Value;
 
 pub mod kernel;
 pub mod net;
+pub mod pods;
 pub mod receivers;
 pub mod runc;
 
@@ -27,7 +28,11 @@ static SEQ: AtomicU32 = AtomicU32::new(0);
 
 /// A unique name for this test process and call.
 pub fn unique(prefix: &str) -> String {
-    format!("{prefix}-{}-{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// The privileged tests need root; CI runs as root. Never skip silently.
@@ -44,7 +49,10 @@ pub fn cgroup2_root() -> PathBuf {
     for p in ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"] {
         if Path::new(p).join("cgroup.procs").exists()
             && std::fs::read_to_string("/proc/mounts")
-                .map(|m| m.lines().any(|l| l.split(' ').nth(1) == Some(p) && l.contains("cgroup2")))
+                .map(|m| {
+                    m.lines()
+                        .any(|l| l.split(' ').nth(1) == Some(p) && l.contains("cgroup2"))
+                })
                 .unwrap_or(false)
         {
             return PathBuf::from(p);
@@ -64,7 +72,9 @@ pub fn detector_bin() -> PathBuf {
 /// Inode number of a path (a cgroup-v2 directory's inode is its cgroup id).
 pub fn inode_of(path: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
-    std::fs::metadata(path).unwrap_or_else(|e| panic!("stat {}: {e}", path.display())).ino()
+    std::fs::metadata(path)
+        .unwrap_or_else(|e| panic!("stat {}: {e}", path.display()))
+        .ino()
 }
 
 /// A fresh cgroup-v2 child of the root, removed (with its processes killed) on drop.
@@ -97,7 +107,11 @@ impl TestCgroup {
 
     /// Run `sh -c script` inside the cgroup and wait for it.
     pub fn sh(&self, script: &str) -> std::process::Output {
-        self.command("/bin/sh").arg("-c").arg(script).output().expect("spawn sh")
+        self.command("/bin/sh")
+            .arg("-c")
+            .arg(script)
+            .output()
+            .expect("spawn sh")
     }
 
     pub fn pids(&self) -> Vec<u32> {
@@ -154,7 +168,11 @@ impl Drop for Tmpfs {
 
 /// A free loopback TCP port (bound then released).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A running `detector run`, stopped with SIGTERM on drop.
@@ -188,7 +206,10 @@ impl Daemon {
             .arg("--alerts")
             .arg(&alerts_path)
             .args(args)
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
@@ -197,8 +218,17 @@ impl Daemon {
             let empty = dir.join("no-kubelet");
             cmd.arg("--kubelet-dir").arg(empty);
         }
-        let child = cmd.spawn().with_context(|| format!("spawn {}", detector_bin().display()))?;
-        let mut d = Daemon { child, metrics, events_path, alerts_path, log_path, dir };
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("spawn {}", detector_bin().display()))?;
+        let mut d = Daemon {
+            child,
+            metrics,
+            events_path,
+            alerts_path,
+            log_path,
+            dir,
+        };
         d.wait_ready(Duration::from_secs(60))?;
         Ok(d)
     }
@@ -237,7 +267,12 @@ impl Daemon {
             let v: Vec<Value> = self.events().into_iter().filter(|e| pred(e)).collect();
             (!v.is_empty()).then_some(v)
         })
-        .unwrap_or_else(|| panic!("no matching event within {timeout:?}; daemon log:\n{}", self.log()))
+        .unwrap_or_else(|| {
+            panic!(
+                "no matching event within {timeout:?}; daemon log:\n{}",
+                self.log()
+            )
+        })
     }
 
     pub fn wait_findings(&self, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Vec<Value> {
@@ -245,7 +280,12 @@ impl Daemon {
             let v: Vec<Value> = self.findings().into_iter().filter(|e| pred(e)).collect();
             (!v.is_empty()).then_some(v)
         })
-        .unwrap_or_else(|| panic!("no matching finding within {timeout:?}; daemon log:\n{}", self.log()))
+        .unwrap_or_else(|| {
+            panic!(
+                "no matching finding within {timeout:?}; daemon log:\n{}",
+                self.log()
+            )
+        })
     }
 
     /// Let in-flight events drain (the reader polls every few ms).
@@ -254,7 +294,9 @@ impl Daemon {
     }
 
     pub fn metrics_text(&self) -> String {
-        http_get(self.metrics, "/metrics").map(|(_, b)| b).unwrap_or_default()
+        http_get(self.metrics, "/metrics")
+            .map(|(_, b)| b)
+            .unwrap_or_default()
     }
 
     pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
@@ -286,7 +328,9 @@ impl Drop for Daemon {
 }
 
 pub fn read_jsonl(path: &Path) -> Vec<Value> {
-    let Ok(f) = std::fs::File::open(path) else { return Vec::new() };
+    let Ok(f) = std::fs::File::open(path) else {
+        return Vec::new();
+    };
     BufReader::new(f)
         .lines()
         .map_while(Result::ok)
@@ -321,11 +365,16 @@ pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
         .nth(1)
         .and_then(|c| c.parse().ok())
         .context("no HTTP status")?;
-    let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let body = buf
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     Ok((status, body))
 }
 
 /// Fields of a JSON event as u64, for terse assertions.
 pub fn u(v: &Value, field: &str) -> u64 {
-    v[field].as_u64().unwrap_or_else(|| panic!("{field} missing in {v}"))
+    v[field]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{field} missing in {v}"))
 }

@@ -37,7 +37,12 @@ impl CountingListener {
                 }
             }
         });
-        CountingListener { addr, accepted, stop, thread: Some(thread) }
+        CountingListener {
+            addr,
+            accepted,
+            stop,
+            thread: Some(thread),
+        }
     }
 
     pub fn accepted(&self) -> u64 {

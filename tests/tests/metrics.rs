@@ -34,8 +34,19 @@ fn promtool_accepts_metrics_and_credential_reads_move_counters() {
         .expect("promtool (Debian package prometheus) is installed by cargo xtask setup");
     std::io::Write::write_all(promtool.stdin.as_mut().unwrap(), text.as_bytes()).unwrap();
     let out = promtool.wait_with_output().unwrap();
-    assert!(out.status.success(), "promtool check metrics failed:\n{}{}\n--- metrics:\n{text}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    for name in ["detector_events_total", "detector_events_lost_total", "detector_probes_attached", "detector_credentials", "detector_processing_latency_seconds_bucket"] {
+    assert!(
+        out.status.success(),
+        "promtool check metrics failed:\n{}{}\n--- metrics:\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for name in [
+        "detector_events_total",
+        "detector_events_lost_total",
+        "detector_probes_attached",
+        "detector_credentials",
+        "detector_processing_latency_seconds_bucket",
+    ] {
         assert!(text.contains(name), "{name} missing from /metrics");
     }
     assert_eq!(value(&text, "detector_credentials"), 1.0);
@@ -43,13 +54,23 @@ fn promtool_accepts_metrics_and_credential_reads_move_counters() {
     let before = value(&text, "detector_events_total{kind=\"credential_access\"}");
     let cg = TestCgroup::new("metrics");
     for _ in 0..3 {
-        assert!(cg.sh(&format!("cat {} > /dev/null", token.display())).status.success());
+        assert!(cg
+            .sh(&format!("cat {} > /dev/null", token.display()))
+            .status
+            .success());
     }
     let moved = wait_for(Duration::from_secs(10), || {
-        let after = value(&d.metrics_text(), "detector_events_total{kind=\"credential_access\"}");
+        let after = value(
+            &d.metrics_text(),
+            "detector_events_total{kind=\"credential_access\"}",
+        );
         (after >= before + 3.0).then_some(after)
     });
-    assert!(moved.is_some(), "credential_access counter did not move by 3:\n{}", d.metrics_text());
+    assert!(
+        moved.is_some(),
+        "credential_access counter did not move by 3:\n{}",
+        d.metrics_text()
+    );
     // The planted credential value never shows up in metrics.
     assert!(!d.metrics_text().contains("planted"));
 }

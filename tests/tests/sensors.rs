@@ -18,13 +18,24 @@ const WAIT: Duration = Duration::from_secs(10);
 
 /// Run the probe inside `cg`; returns (pid, output).
 fn probe(cg: &TestCgroup, args: &[&str]) -> (u32, Output) {
-    let child = cg.command(PROBE).args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let child = cg
+        .command(PROBE)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     let pid = child.id();
     (pid, child.wait_with_output().unwrap())
 }
 
 fn ok(out: &Output) {
-    assert!(out.status.success(), "probe failed: {} {}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "probe failed: {} {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 fn accesses_of(d: &Daemon, pid: u32) -> Vec<Value> {
@@ -54,10 +65,21 @@ impl CredFixture {
         std::fs::hard_link(d.join("sa/token"), d.join("hardlink")).unwrap();
         std::os::unix::fs::symlink(d.join("sa/token"), d.join("symlink")).unwrap();
         std::fs::write(d.join("bind-target"), b"").unwrap();
-        let st = Command::new("mount").arg("--bind").arg(d.join("sa/token")).arg(d.join("bind-target")).status().unwrap();
+        let st = Command::new("mount")
+            .arg("--bind")
+            .arg(d.join("sa/token"))
+            .arg(d.join("bind-target"))
+            .status()
+            .unwrap();
         assert!(st.success(), "bind mount");
         let s = |p: &str| d.join(p).to_str().unwrap().to_string();
-        CredFixture { token: s("sa/token"), writable: s("sa/writable-token"), plain: s("plain.txt"), bind_target: s("bind-target"), fs }
+        CredFixture {
+            token: s("sa/token"),
+            writable: s("sa/writable-token"),
+            plain: s("plain.txt"),
+            bind_target: s("bind-target"),
+            fs,
+        }
     }
 }
 
@@ -72,7 +94,13 @@ fn every_route_to_a_credential_yields_exactly_one_event() {
     require_root();
     let fx = CredFixture::new();
     let cg = TestCgroup::new("routes");
-    let d = Daemon::start(&["--credential-file", &fx.token, "--credential-file", &fx.writable]).unwrap();
+    let d = Daemon::start(&[
+        "--credential-file",
+        &fx.token,
+        "--credential-file",
+        &fx.writable,
+    ])
+    .unwrap();
     let md = std::fs::metadata(&fx.token).unwrap();
 
     // Another process's root (the test's own; PID 1 may not be ptrace-readable).
@@ -82,27 +110,48 @@ fn every_route_to_a_credential_yields_exactly_one_event() {
     let hardlink = format!("{d_dir}/hardlink");
     let routes: Vec<(&str, Vec<&str>, &str)> = vec![
         ("absolute", vec!["open-abs", &fx.token], "openat"),
-        ("relative after chdir", vec!["open-rel", &fx.token], "openat"),
+        (
+            "relative after chdir",
+            vec!["open-rel", &fx.token],
+            "openat",
+        ),
         ("symlink", vec!["open-abs", &symlink], "openat"),
         ("hardlink", vec!["open-abs", &hardlink], "openat"),
         ("bind mount", vec!["open-abs", &fx.bind_target], "openat"),
         ("/proc/<pid>/root", vec!["open-abs", &proc_root], "openat"),
         ("open(2)", vec!["open-syscall", &fx.token], "open"),
         ("openat2", vec!["openat2", &fx.token], "openat2"),
-        ("open_by_handle_at", vec!["by-handle", &fx.token], "open_by_handle_at"),
+        (
+            "open_by_handle_at",
+            vec!["by-handle", &fx.token],
+            "open_by_handle_at",
+        ),
     ];
     let mut cred_ids = HashSet::new();
     for (what, args, route) in &routes {
         let (pid, out) = probe(&cg, args);
-        assert!(out.status.success(), "{what}: probe failed: {}", String::from_utf8_lossy(&out.stdout));
+        assert!(
+            out.status.success(),
+            "{what}: probe failed: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
         wait_for(WAIT, || {
             let v = accesses_of(&d, pid);
             (!v.is_empty()).then_some(v)
         })
-        .unwrap_or_else(|| panic!("{what}: no credential_access event for pid {pid}; log:\n{}", d.log()));
+        .unwrap_or_else(|| {
+            panic!(
+                "{what}: no credential_access event for pid {pid}; log:\n{}",
+                d.log()
+            )
+        });
         d.settle();
         let evs = accesses_of(&d, pid);
-        assert_eq!(evs.len(), 1, "{what}: exactly one event expected, got {evs:?}");
+        assert_eq!(
+            evs.len(),
+            1,
+            "{what}: exactly one event expected, got {evs:?}"
+        );
         let e = &evs[0];
         assert_eq!(u(e, "cgroup_id"), cg.id, "{what}: cgroup id");
         assert_eq!(u(e, "pid"), pid as u64, "{what}: pid");
@@ -111,19 +160,34 @@ fn every_route_to_a_credential_yields_exactly_one_event() {
         assert_eq!(e["readable"], true, "{what}");
         cred_ids.insert(u(e, "credential_id"));
     }
-    assert_eq!(cred_ids.len(), 1, "all routes name the same credential id: {cred_ids:?}");
+    assert_eq!(
+        cred_ids.len(),
+        1,
+        "all routes name the same credential id: {cred_ids:?}"
+    );
 
     // creat(2) hands out a write-only fd of a (different) credential file.
     let (pid, out) = probe(&cg, &["creat", &fx.writable]);
     ok(&out);
-    let e = &d.wait_events(WAIT, |e| e["event"] == "credential_access" && u(e, "tgid") == pid as u64)[0];
-    assert_eq!((e["route"].as_str(), e["writable"].as_bool(), e["readable"].as_bool()), (Some("creat"), Some(true), Some(false)));
+    let e = &d.wait_events(WAIT, |e| {
+        e["event"] == "credential_access" && u(e, "tgid") == pid as u64
+    })[0];
+    assert_eq!(
+        (
+            e["route"].as_str(),
+            e["writable"].as_bool(),
+            e["readable"].as_bool()
+        ),
+        (Some("creat"), Some(true), Some(false))
+    );
     assert!(!cred_ids.contains(&u(e, "credential_id")));
 
     // pidfd_getfd: a duplicate of another process's credential fd.
     let (pid, out) = probe(&cg, &["pidfd-getfd", &fx.token]);
     ok(&out);
-    let evs = d.wait_events(WAIT, |e| e["event"] == "credential_access" && u(e, "tgid") == pid as u64);
+    let evs = d.wait_events(WAIT, |e| {
+        e["event"] == "credential_access" && u(e, "tgid") == pid as u64
+    });
     assert_eq!(evs.len(), 1, "{evs:?}");
     assert_eq!(evs[0]["route"], "pidfd_getfd");
 
@@ -134,7 +198,10 @@ fn every_route_to_a_credential_yields_exactly_one_event() {
     ok(&out);
     d.settle();
     d.settle();
-    assert!(accesses_of(&d, pid_plain).is_empty() && accesses_of(&d, pid_etc).is_empty(), "ordinary files must not produce events");
+    assert!(
+        accesses_of(&d, pid_plain).is_empty() && accesses_of(&d, pid_etc).is_empty(),
+        "ordinary files must not produce events"
+    );
 }
 
 #[test]
@@ -145,22 +212,46 @@ fn a_forked_child_of_a_holder_is_a_holder_and_exit_cleans_up() {
     let d = Daemon::start(&["--credential-file", &fx.token]).unwrap();
     let daemon_pid = d.child.id();
 
-    let mut child = cg.command(PROBE).args(["hold-fork", &fx.token]).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+    let mut child = cg
+        .command(PROBE)
+        .args(["hold-fork", &fx.token])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
     let mut line = String::new();
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.as_mut().unwrap()), &mut line).unwrap();
-    let pids: Vec<u32> = line.split_whitespace().filter_map(|w| w.split('=').nth(1)?.parse().ok()).collect();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.as_mut().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let pids: Vec<u32> = line
+        .split_whitespace()
+        .filter_map(|w| w.split('=').nth(1)?.parse().ok())
+        .collect();
     let (parent, kid) = (pids[0], pids[1]);
 
     let holders = wait_for(WAIT, || {
         let h = kernel::holders_of(daemon_pid);
         (h.contains_key(&parent) && h.contains_key(&kid)).then_some(h)
     })
-    .unwrap_or_else(|| panic!("parent and child must both be holders: {:?}", kernel::holders_of(daemon_pid)));
+    .unwrap_or_else(|| {
+        panic!(
+            "parent and child must both be holders: {:?}",
+            kernel::holders_of(daemon_pid)
+        )
+    });
     assert_eq!(holders[&kid].credential_id, holders[&parent].credential_id);
-    assert_eq!(holders[&kid].origin_tgid, parent, "the child inherited from its parent");
+    assert_eq!(
+        holders[&kid].origin_tgid, parent,
+        "the child inherited from its parent"
+    );
     let fork = &d.wait_events(WAIT, |e| e["event"] == "fork" && u(e, "tgid") == kid as u64)[0];
     assert_eq!(u(fork, "parent_tgid"), parent as u64);
-    assert_eq!(u(fork, "inherited_credential"), holders[&parent].credential_id as u64);
+    assert_eq!(
+        u(fork, "inherited_credential"),
+        holders[&parent].credential_id as u64
+    );
 
     drop(child.stdin.take()); // the probe kills its child and exits
     child.wait().unwrap();
@@ -168,9 +259,18 @@ fn a_forked_child_of_a_holder_is_a_holder_and_exit_cleans_up() {
         let h = kernel::holders_of(daemon_pid);
         (!h.contains_key(&parent) && !h.contains_key(&kid)).then_some(())
     });
-    assert!(gone.is_some(), "holder entries must be removed at exit: {:?}", kernel::holders_of(daemon_pid));
-    let exits = d.wait_events(WAIT, |e| e["event"] == "exit" && (u(e, "tgid") == parent as u64 || u(e, "tgid") == kid as u64));
-    assert!(exits.iter().all(|e| u(e, "holder_credential") != 0), "{exits:?}");
+    assert!(
+        gone.is_some(),
+        "holder entries must be removed at exit: {:?}",
+        kernel::holders_of(daemon_pid)
+    );
+    let exits = d.wait_events(WAIT, |e| {
+        e["event"] == "exit" && (u(e, "tgid") == parent as u64 || u(e, "tgid") == kid as u64)
+    });
+    assert!(
+        exits.iter().all(|e| u(e, "holder_credential") != 0),
+        "{exits:?}"
+    );
 }
 
 #[test]
@@ -183,22 +283,47 @@ fn connects_are_reported_with_destination_and_cgroup() {
 
     let (pid, out) = probe(&cg, &["connect", "127.0.0.1", &port]);
     ok(&out);
-    let e = &d.wait_events(WAIT, |e| e["event"] == "connect" && u(e, "tgid") == pid as u64)[0];
-    assert_eq!((e["addr"].as_str(), u(e, "port"), e["protocol"].as_str(), e["hook"].as_str()), (Some("127.0.0.1"), l.addr.port() as u64, Some("tcp"), Some("connect4")));
+    let e = &d.wait_events(WAIT, |e| {
+        e["event"] == "connect" && u(e, "tgid") == pid as u64
+    })[0];
+    assert_eq!(
+        (
+            e["addr"].as_str(),
+            u(e, "port"),
+            e["protocol"].as_str(),
+            e["hook"].as_str()
+        ),
+        (
+            Some("127.0.0.1"),
+            l.addr.port() as u64,
+            Some("tcp"),
+            Some("connect4")
+        )
+    );
     assert_eq!(u(e, "cgroup_id"), cg.id);
     assert_eq!(e["verdict"], "allowed");
 
     // An IPv4-mapped IPv6 destination is reported as IPv4.
     let (pid6, out) = probe(&cg, &["connect", "::ffff:127.0.0.1", &port]);
     ok(&out);
-    let e = &d.wait_events(WAIT, |e| e["event"] == "connect" && u(e, "tgid") == pid6 as u64)[0];
-    assert_eq!((e["addr"].as_str(), e["hook"].as_str()), (Some("127.0.0.1"), Some("connect6")));
+    let e = &d.wait_events(WAIT, |e| {
+        e["event"] == "connect" && u(e, "tgid") == pid6 as u64
+    })[0];
+    assert_eq!(
+        (e["addr"].as_str(), e["hook"].as_str()),
+        (Some("127.0.0.1"), Some("connect6"))
+    );
 
     // UDP datagrams through sendmsg.
     let (pidu, out) = probe(&cg, &["udp", "127.0.0.1", "9"]);
     ok(&out);
-    let e = &d.wait_events(WAIT, |e| e["event"] == "connect" && u(e, "tgid") == pidu as u64)[0];
-    assert_eq!((e["protocol"].as_str(), e["hook"].as_str(), u(e, "port")), (Some("udp"), Some("sendmsg4"), 9));
+    let e = &d.wait_events(WAIT, |e| {
+        e["event"] == "connect" && u(e, "tgid") == pidu as u64
+    })[0];
+    assert_eq!(
+        (e["protocol"].as_str(), e["hook"].as_str(), u(e, "port")),
+        (Some("udp"), Some("sendmsg4"), 9)
+    );
     assert_eq!(l.accepted(), 2);
 }
 
@@ -207,15 +332,34 @@ fn a_deny_verdict_blocks_one_cgroup_in_the_kernel_and_not_another() {
     require_root();
     let denied = TestCgroup::new("denied");
     let other = TestCgroup::new("allowed");
-    let d = Daemon::start(&["--deny-cgroup", denied.path.to_str().unwrap(), "--connect-dedup-ms", "0"]).unwrap();
+    let d = Daemon::start(&[
+        "--deny-cgroup",
+        denied.path.to_str().unwrap(),
+        "--connect-dedup-ms",
+        "0",
+    ])
+    .unwrap();
     let l = CountingListener::bind("127.0.0.1:0");
     let port = l.addr.port().to_string();
 
     let (pid, out) = probe(&denied, &["connect", "127.0.0.1", &port]);
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), format!("errno={}", libc::EPERM), "connect must fail with EPERM");
-    assert_eq!(l.accepted(), 0, "the listener never sees the denied connection");
-    let e = &d.wait_events(WAIT, |e| e["event"] == "connect" && u(e, "tgid") == pid as u64)[0];
-    assert_eq!((e["verdict"].as_str(), e["reason"].as_str()), (Some("denied"), Some("deny_cgroup")));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("errno={}", libc::EPERM),
+        "connect must fail with EPERM"
+    );
+    assert_eq!(
+        l.accepted(),
+        0,
+        "the listener never sees the denied connection"
+    );
+    let e = &d.wait_events(WAIT, |e| {
+        e["event"] == "connect" && u(e, "tgid") == pid as u64
+    })[0];
+    assert_eq!(
+        (e["verdict"].as_str(), e["reason"].as_str()),
+        (Some("denied"), Some("deny_cgroup"))
+    );
 
     let (_, out) = probe(&other, &["connect", "127.0.0.1", &port]);
     ok(&out);
@@ -236,7 +380,12 @@ fn killing_the_daemon_leaves_no_program_attached() {
         let loaded = kernel::loaded_program_ids();
         ours.iter().all(|id| !loaded.contains(id)).then_some(())
     });
-    assert!(gone.is_some(), "programs still loaded after SIGKILL: {:?}", ours.intersection(&kernel::loaded_program_ids()).collect::<Vec<_>>());
+    assert!(
+        gone.is_some(),
+        "programs still loaded after SIGKILL: {:?}",
+        ours.intersection(&kernel::loaded_program_ids())
+            .collect::<Vec<_>>()
+    );
 
     // A cgroup connect still works with no daemon (nothing left denying).
     let cg = TestCgroup::new("after-kill");

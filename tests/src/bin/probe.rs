@@ -43,21 +43,39 @@ struct OpenHow {
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let a = |i: usize| args.get(i).cloned().unwrap_or_else(|| panic!("missing argument {i}"));
+    let a = |i: usize| {
+        args.get(i)
+            .cloned()
+            .unwrap_or_else(|| panic!("missing argument {i}"))
+    };
     match a(0).as_str() {
-        "open-abs" => hold(check(unsafe { libc::openat(libc::AT_FDCWD, c(&a(1)).as_ptr(), libc::O_RDONLY) } as i64)),
+        "open-abs" => {
+            hold(check(
+                unsafe { libc::openat(libc::AT_FDCWD, c(&a(1)).as_ptr(), libc::O_RDONLY) } as i64,
+            ))
+        }
         "open-rel" => {
             let p = Path::new(&args[1]);
             std::env::set_current_dir(p.parent().unwrap()).unwrap();
             let name = p.file_name().unwrap().to_str().unwrap();
-            hold(check(unsafe { libc::open(c(name).as_ptr(), libc::O_RDONLY) } as i64));
+            hold(check(
+                unsafe { libc::open(c(name).as_ptr(), libc::O_RDONLY) } as i64,
+            ));
         }
         "open-syscall" => {
-            hold(check(unsafe { libc::syscall(libc::SYS_open, c(&a(1)).as_ptr(), libc::O_RDONLY, 0) }));
+            hold(check(unsafe {
+                libc::syscall(libc::SYS_open, c(&a(1)).as_ptr(), libc::O_RDONLY, 0)
+            }));
         }
-        "creat" => hold(check(unsafe { libc::syscall(libc::SYS_creat, c(&a(1)).as_ptr(), 0o600) })),
+        "creat" => hold(check(unsafe {
+            libc::syscall(libc::SYS_creat, c(&a(1)).as_ptr(), 0o600)
+        })),
         "openat2" => {
-            let how = OpenHow { flags: libc::O_RDONLY as u64, mode: 0, resolve: 0 };
+            let how = OpenHow {
+                flags: libc::O_RDONLY as u64,
+                mode: 0,
+                resolve: 0,
+            };
             hold(check(unsafe {
                 libc::syscall(
                     libc::SYS_openat2,
@@ -76,7 +94,11 @@ fn main() {
                 kind: i32,
                 f: [u8; 128],
             }
-            let mut h = Handle { bytes: 128, kind: 0, f: [0; 128] };
+            let mut h = Handle {
+                bytes: 128,
+                kind: 0,
+                f: [0; 128],
+            };
             let mut mount_id: i32 = 0;
             check(unsafe {
                 libc::syscall(
@@ -88,10 +110,24 @@ fn main() {
                     0,
                 )
             });
-            let dir = Path::new(&args[1]).parent().unwrap().to_str().unwrap().to_string();
-            let mfd = check(unsafe { libc::open(c(&dir).as_ptr(), libc::O_RDONLY | libc::O_DIRECTORY) } as i64);
+            let dir = Path::new(&args[1])
+                .parent()
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .to_string();
+            let mfd =
+                check(
+                    unsafe { libc::open(c(&dir).as_ptr(), libc::O_RDONLY | libc::O_DIRECTORY) }
+                        as i64,
+                );
             hold(check(unsafe {
-                libc::syscall(libc::SYS_open_by_handle_at, mfd, &mut h as *mut Handle, libc::O_RDONLY)
+                libc::syscall(
+                    libc::SYS_open_by_handle_at,
+                    mfd,
+                    &mut h as *mut Handle,
+                    libc::O_RDONLY,
+                )
             }));
         }
         "pidfd-getfd" => {
@@ -105,10 +141,14 @@ fn main() {
                 unsafe { libc::_exit(0) };
             }
             let mut line = String::new();
-            std::io::BufReader::new(&mut r).read_line(&mut line).unwrap();
+            std::io::BufReader::new(&mut r)
+                .read_line(&mut line)
+                .unwrap();
             let target: i64 = line.trim().parse().unwrap();
             let pidfd = check(unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) });
-            hold(check(unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd, target, 0) }));
+            hold(check(unsafe {
+                libc::syscall(libc::SYS_pidfd_getfd, pidfd, target, 0)
+            }));
             println!("child={pid}");
             unsafe { libc::kill(pid, libc::SIGKILL) };
             unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
@@ -135,7 +175,9 @@ fn main() {
         }
         "hold-fork" => {
             // Open the credential, fork; print both pids; exit when stdin closes.
-            hold(check(unsafe { libc::open(c(&a(1)).as_ptr(), libc::O_RDONLY) } as i64));
+            hold(check(
+                unsafe { libc::open(c(&a(1)).as_ptr(), libc::O_RDONLY) } as i64,
+            ));
             let pid = unsafe { libc::fork() };
             if pid == 0 {
                 loop {
@@ -145,7 +187,11 @@ fn main() {
             println!("parent={} child={pid}", std::process::id());
             std::io::stdout().flush().unwrap();
             let mut sink = String::new();
-            while std::io::stdin().read_line(&mut sink).map(|n| n > 0).unwrap_or(false) {}
+            while std::io::stdin()
+                .read_line(&mut sink)
+                .map(|n| n > 0)
+                .unwrap_or(false)
+            {}
             unsafe { libc::kill(pid, libc::SIGKILL) };
             unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
         }
@@ -171,5 +217,10 @@ fn connect(ip: &str, port: &str) {
 fn pipe() -> (std::fs::File, std::fs::File) {
     let mut fds = [0; 2];
     check(unsafe { libc::pipe(fds.as_mut_ptr()) } as i64);
-    unsafe { (std::fs::File::from_raw_fd(fds[0]), std::fs::File::from_raw_fd(fds[1])) }
+    unsafe {
+        (
+            std::fs::File::from_raw_fd(fds[0]),
+            std::fs::File::from_raw_fd(fds[1]),
+        )
+    }
 }
