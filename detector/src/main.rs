@@ -28,9 +28,14 @@ fn main() -> ExitCode {
         Command::Policy {
             command: PolicyCommand::Check { paths },
         } => {
-            // WIRE: detector::policy::check_cli once the policy module lands.
-            let _ = paths;
-            Err(anyhow::anyhow!("policy check is not wired yet"))
+            return match detector::policy::check_cli(&paths) {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::from(1),
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::from(2)
+                }
+            };
         }
         Command::Inventory(args) => detector::inventory::run_cli(&args),
     };
