@@ -259,7 +259,9 @@ fn on_fd_returned(ctx: &TracePointContext, route: AccessRoute) -> u32 {
         _pad1: 0,
         comm: comm(),
     });
-    entry.submit(submit_flags(true));
+    // Not urgent: enforcement is already in the kernel maps; the reader's
+    // 10 ms poll picks it up without a wake-up per read.
+    entry.submit(submit_flags(false));
     bump(&EMITTED, EventKind::CredentialAccess);
     0
 }
