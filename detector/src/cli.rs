@@ -39,6 +39,21 @@ pub enum Command {
     },
     /// List the node's credential files, their owner pods and workloads.
     Inventory(InventoryArgs),
+    /// Observe for a while and write the intents that would keep what was
+    /// seen quiet (WorkloadIntent YAML), e.g. to review and apply.
+    Learn(LearnArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct LearnArgs {
+    /// How long to observe.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+    /// Where to write the intents.
+    #[arg(long)]
+    pub output: PathBuf,
+    #[command(flatten)]
+    pub run: RunArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -173,10 +188,25 @@ pub struct RunSettings {
     pub learn_output: Option<PathBuf>,
     pub aggregate_window: Duration,
     pub trusted_host_readers: Vec<String>,
+    /// Stop by itself after this long (`detector learn`).
+    pub stop_after: Option<Duration>,
 }
 
 pub const DEFAULT_KUBELET_DIR: &str = "/var/lib/kubelet";
 pub const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:9464";
+
+impl LearnArgs {
+    /// `run` settings that learn everything seen for `duration`, then stop
+    /// and write the intents.
+    pub fn resolve(self) -> Result<RunSettings> {
+        let mut s = self.run.resolve()?;
+        // Learn for longer than we run, so nothing is judged meanwhile.
+        s.learn_window = self.duration * 2 + Duration::from_secs(60);
+        s.learn_output = Some(self.output);
+        s.stop_after = Some(self.duration);
+        Ok(s)
+    }
+}
 
 impl RunArgs {
     pub fn resolve(self) -> Result<RunSettings> {
@@ -242,6 +272,7 @@ impl RunArgs {
                     v
                 }
             },
+            stop_after: None,
         })
     }
 }

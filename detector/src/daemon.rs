@@ -423,6 +423,7 @@ pub async fn run(settings: RunSettings) -> Result<()> {
         policy = Some(watch);
     }
     let mut reevaluate = tokio::time::interval(Duration::from_secs(10));
+    let stop_at = settings.stop_after.map(|d| tokio::time::Instant::now() + d);
 
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
@@ -470,6 +471,7 @@ pub async fn run(settings: RunSettings) -> Result<()> {
                 let set = pipeline.declared.clone();
                 pipeline.install_intents(&mut sensors, set);
             }
+            _ = sleep_until_opt(stop_at) => { info!("time is up: detaching"); break; }
             _ = sigterm.recv() => { info!("SIGTERM: detaching"); break; }
             _ = sigint.recv() => { info!("SIGINT: detaching"); break; }
         }
@@ -495,6 +497,13 @@ fn write_learned(learner: &Learner, path: &Path) {
             info!(path = %path.display(), workloads = learner.len(), "learned intents written")
         }
         Err(e) => error!(path = %path.display(), error = %e, "cannot write learned intents"),
+    }
+}
+
+async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -38,6 +38,13 @@ fn main() -> ExitCode {
             };
         }
         Command::Inventory(args) => detector::inventory::run_cli(&args),
+        Command::Learn(args) => args.resolve().and_then(|settings| {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?
+                .block_on(detector::daemon::run(settings))
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
