@@ -95,6 +95,10 @@ pub struct Spec {
     pub args: Vec<String>,
     /// Host file bind-mounted read-only at [`TOKEN_PATH`].
     pub token: Option<PathBuf>,
+    /// Host directory (a kubelet projected volume) bind-mounted read-only
+    /// at the token's directory, as kubelet mounts volumes: `..data`
+    /// swaps are visible inside.
+    pub volume: Option<PathBuf>,
 }
 
 impl Spec {
@@ -106,7 +110,13 @@ impl Spec {
             container_id: new_container_id(),
             args: args.iter().map(|s| s.to_string()).collect(),
             token: None,
+            volume: None,
         }
+    }
+
+    pub fn volume(mut self, host_dir: &Path) -> Spec {
+        self.volume = Some(host_dir.to_path_buf());
+        self
     }
 
     pub fn token(mut self, host_file: &Path) -> Spec {
@@ -158,7 +168,7 @@ impl Container {
         }
         std::fs::copy(BUSYBOX, rootfs.join("bin/busybox")).context("copy busybox")?;
         for app in [
-            "sh", "sleep", "cat", "ls", "true", "head", "nc", "wget", "echo", "dd",
+            "sh", "sleep", "cat", "ls", "true", "head", "nc", "wget", "echo", "dd", "stat",
         ] {
             std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(app))?;
         }
@@ -181,6 +191,12 @@ impl Container {
                 "source": tok, "options": ["rbind", "ro"]
             }));
         }
+        if let Some(dir) = &spec.volume {
+            cfg["mounts"].as_array_mut().context("mounts")?.push(json!({
+                "destination": Path::new(TOKEN_PATH).parent().unwrap(), "type": "bind",
+                "source": dir, "options": ["rbind", "ro"]
+            }));
+        }
         std::fs::write(&cfg_path, serde_json::to_vec_pretty(&cfg)?)?;
         // Remember which cgroup directories runc will create.
         let mut created_dirs = Vec::new();
@@ -198,6 +214,11 @@ impl Container {
         }
         let state_root = dir.join("state");
         std::fs::create_dir_all(&state_root)?;
+        {
+            let mut g = CREATED.lock().unwrap_or_else(|e| e.into_inner());
+            g.0 += 1;
+            g.1.extend(created_dirs.iter().cloned());
+        }
         Ok(Container {
             spec,
             dir,
@@ -218,20 +239,23 @@ impl Container {
     pub fn start(spec: Spec) -> Result<Container> {
         let mut c = Container::prepare(spec)?;
         let pid_file = c.dir.join("pid");
-        let out = runc(&c.state_root)
+        // The container inherits stdio: a pipe would keep `output()` waiting
+        // for the container to end, so stderr goes to a file.
+        let log = c.dir.join("runc.log");
+        let st = runc(&c.state_root)
             .args(["run", "-d", "--pid-file"])
             .arg(&pid_file)
             .arg(c.name())
             .current_dir(&c.dir)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .output()
+            .stderr(std::fs::File::create(&log)?)
+            .status()
             .context("runc run")?;
-        if !out.status.success() {
+        if !st.success() {
             bail!(
                 "runc run -d failed: {}",
-                String::from_utf8_lossy(&out.stderr)
+                std::fs::read_to_string(&log).unwrap_or_default()
             );
         }
         c.pid = std::fs::read_to_string(&pid_file)?.trim().parse()?;
@@ -272,6 +296,28 @@ impl Container {
     }
 }
 
+/// Cgroup dirs created by containers of this process, and how many of its
+/// containers live: parents shared by concurrent tests (`/kubepods/besteffort`)
+/// are removed when the last container goes.
+static CREATED: std::sync::Mutex<(usize, Vec<PathBuf>)> = std::sync::Mutex::new((0, Vec::new()));
+
+fn remove_cgroup_dirs(dirs: &[PathBuf]) {
+    let mut dirs = dirs.to_vec();
+    // Deepest first.
+    dirs.sort_by_key(|d| std::cmp::Reverse(d.components().count()));
+    dirs.dedup();
+    for d in &dirs {
+        for _ in 0..20 {
+            match std::fs::remove_dir(d) {
+                Ok(()) => break,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
+                Err(e) if e.raw_os_error() == Some(libc::ENOTEMPTY) => break,
+                Err(_) => std::thread::sleep(Duration::from_millis(25)),
+            }
+        }
+    }
+}
+
 impl Drop for Container {
     fn drop(&mut self) {
         let name = self.name();
@@ -291,17 +337,49 @@ impl Drop for Container {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        for d in &self.created_dirs {
-            // Deepest first; a sibling test's container keeps shared parents busy.
-            for _ in 0..20 {
-                match std::fs::remove_dir(d) {
-                    Ok(()) => break,
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
-                    Err(e) if e.raw_os_error() == Some(libc::ENOTEMPTY) => break,
-                    Err(_) => std::thread::sleep(Duration::from_millis(25)),
-                }
-            }
+        remove_cgroup_dirs(&self.created_dirs);
+        let last = {
+            let mut g = CREATED.lock().unwrap_or_else(|e| e.into_inner());
+            g.0 = g.0.saturating_sub(1);
+            (g.0 == 0).then(|| std::mem::take(&mut g.1))
+        };
+        if let Some(all) = last {
+            remove_cgroup_dirs(&all);
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// Kubelet's AtomicWriter, exactly: a new `..<timestamp>` dir with the
+/// payload, a `..data_tmp` symlink renamed over `..data`, user-visible
+/// symlinks created once, then the previous timestamped dir removed.
+/// Returns the new timestamped dir.
+pub fn kubelet_atomic_write(vol: &Path, files: &[(&str, &str)]) -> PathBuf {
+    use std::os::unix::fs::{symlink, PermissionsExt};
+    let old = std::fs::read_link(vol.join("..data")).ok();
+    let now = chrono::Utc::now();
+    let name = format!(
+        "{}{:09}",
+        now.format("..%Y_%m_%d_%H_%M_%S."),
+        now.timestamp_subsec_nanos()
+    );
+    let ts = vol.join(&name);
+    std::fs::create_dir(&ts).unwrap();
+    std::fs::set_permissions(&ts, std::fs::Permissions::from_mode(0o750)).unwrap();
+    for (n, content) in files {
+        std::fs::write(ts.join(n), content).unwrap();
+        std::fs::set_permissions(ts.join(n), std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    let _ = std::fs::remove_file(vol.join("..data_tmp"));
+    symlink(&name, vol.join("..data_tmp")).unwrap();
+    std::fs::rename(vol.join("..data_tmp"), vol.join("..data")).unwrap();
+    for (n, _) in files {
+        if std::fs::symlink_metadata(vol.join(n)).is_err() {
+            symlink(format!("..data/{n}"), vol.join(n)).unwrap();
+        }
+    }
+    if let Some(old) = old {
+        std::fs::remove_dir_all(vol.join(old)).unwrap();
+    }
+    ts
 }
