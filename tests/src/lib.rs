@@ -20,6 +20,7 @@ use serde_json::Value;
 
 pub mod kernel;
 pub mod net;
+pub mod pods;
 pub mod receivers;
 pub mod runc;
 
