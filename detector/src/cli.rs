@@ -76,6 +76,17 @@ pub struct InventoryArgs {
     pub json: bool,
 }
 
+/// What `action: kill` kills.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KillScope {
+    /// The offending process (SIGKILL from the kernel, before its connect).
+    #[default]
+    Process,
+    /// Also every process of its container (`cgroup.kill`).
+    Container,
+}
+
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
@@ -132,6 +143,9 @@ pub struct RunArgs {
     /// Write the learned intents (WorkloadIntent YAML) here at exit.
     #[arg(long)]
     pub learn_output: Option<PathBuf>,
+    /// What `action: kill` kills: process | container [default: process].
+    #[arg(long, value_enum)]
+    pub kill_scope: Option<KillScope>,
     /// Fold repeated identical findings for this long [default: 60s].
     #[arg(long, value_parser = humantime::parse_duration)]
     pub aggregate_window: Option<Duration>,
@@ -162,6 +176,7 @@ pub struct ConfigFile {
     #[serde(default, with = "humantime_serde")]
     pub learn_window: Option<Duration>,
     pub learn_output: Option<PathBuf>,
+    pub kill_scope: Option<KillScope>,
     #[serde(default, with = "humantime_serde")]
     pub aggregate_window: Option<Duration>,
     #[serde(default)]
@@ -190,6 +205,7 @@ pub struct RunSettings {
     pub trusted_host_readers: Vec<String>,
     /// Stop by itself after this long (`detector learn`).
     pub stop_after: Option<Duration>,
+    pub kill_scope: KillScope,
 }
 
 pub const DEFAULT_KUBELET_DIR: &str = "/var/lib/kubelet";
@@ -272,6 +288,7 @@ impl RunArgs {
                     v
                 }
             },
+            kill_scope: self.kill_scope.or(file.kill_scope).unwrap_or_default(),
             stop_after: None,
         })
     }

@@ -24,7 +24,7 @@ use crate::{
     aggregate::Aggregator,
     attribution::{cri::CriHandle, Attributor},
     btf::Btf,
-    cli::{Mode, RunSettings},
+    cli::{KillScope, Mode, RunSettings},
     correlate::{Correlator, Lookup, WorkloadCtx},
     credentials::{kernel_value, CredentialTable},
     enforce::Enforcer,
@@ -134,6 +134,8 @@ struct Pipeline {
     aggregator: Aggregator,
     sinks: SinkSet,
     wall_offset_ns: i128,
+    kill_scope: KillScope,
+    own_cgroup: Option<String>,
 }
 
 impl Pipeline {
@@ -196,10 +198,38 @@ impl Pipeline {
             self.declared.as_ref(),
             Some(&mut self.learner),
         );
-        for f in findings {
+        for mut f in findings {
+            if f.action == Action::Killed && self.kill_scope == KillScope::Container {
+                self.kill_container(&mut f);
+            }
             if let Some(f) = self.aggregator.offer(f, t) {
                 self.emit(&f);
             }
+        }
+    }
+
+    /// `kill_scope: container`: the kernel killed the process; end the rest
+    /// of its container too. Never the root cgroup, nor our own.
+    fn kill_container(&mut self, f: &mut Finding) {
+        let Some(path) = f.workload.cgroup_path.clone() else {
+            return;
+        };
+        let rel = path.trim_matches('/');
+        if rel.is_empty()
+            || self
+                .own_cgroup
+                .as_deref()
+                .is_some_and(|own| own.trim_matches('/') == rel)
+        {
+            return;
+        }
+        let file = self.attribution.root().join(rel).join("cgroup.kill");
+        match std::fs::write(&file, b"1") {
+            Ok(()) => {
+                info!(cgroup = %path, "container killed (cgroup.kill)");
+                f.message.push_str("; container killed");
+            }
+            Err(e) => error!(file = %file.display(), error = %e, "cannot kill the container"),
         }
     }
 
@@ -398,6 +428,8 @@ pub async fn run(settings: RunSettings) -> Result<()> {
         aggregator: Aggregator::new(settings.aggregate_window.as_nanos() as u64),
         sinks,
         wall_offset_ns: boot_to_wall_offset_ns(),
+        kill_scope: settings.kill_scope,
+        own_cgroup: own_cgroup_path(),
     };
 
     // Intents: loaded now, then hot-reloaded; host destinations re-resolved.
@@ -498,6 +530,14 @@ fn write_learned(learner: &Learner, path: &Path) {
         }
         Err(e) => error!(path = %path.display(), error = %e, "cannot write learned intents"),
     }
+}
+
+/// Our own cgroup-v2 path (`0::/…` in /proc/self/cgroup).
+fn own_cgroup_path() -> Option<String> {
+    std::fs::read_to_string("/proc/self/cgroup")
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("0::").map(str::to_string))
 }
 
 async fn sleep_until_opt(at: Option<tokio::time::Instant>) {

@@ -161,3 +161,45 @@ fn kill_action_kills_the_holder_before_it_connects_and_observe_only_alerts() {
     })[0];
     assert_eq!(f["action"], "alerted");
 }
+
+#[test]
+fn kill_scope_container_ends_every_process_of_the_cgroup() {
+    require_root();
+    let fs = Tmpfs::new("killc");
+    let token = fs.dir.join("token");
+    std::fs::write(&token, b"t").unwrap();
+    let tok = token.to_str().unwrap();
+    let cg = TestCgroup::new("killc");
+    let l = CountingListener::bind("127.0.0.1:0");
+    let policy = intent(&fs.dir, &cg, 1, "kill");
+    let d = Daemon::start(&[
+        "--credential-file",
+        tok,
+        "--policy",
+        &policy,
+        "--kill-scope",
+        "container",
+    ])
+    .unwrap();
+    let mut bystander = cg.command("/bin/sleep").arg("60").spawn().unwrap();
+    let out = cg.sh(&format!(
+        "{PROBE} read {tok} && exec {PROBE} connect 127.0.0.1 {}",
+        l.addr.port()
+    ));
+    assert!(!out.status.success());
+    assert_eq!(l.accepted(), 0);
+    let f = &d.wait_findings(WAIT, |f| {
+        f["kind"] == "unexpected_destination" && f["action"] == "killed"
+    })[0];
+    assert!(
+        f["message"].as_str().unwrap().contains("container killed"),
+        "{f}"
+    );
+    let st = detector_tests::wait_for(WAIT, || bystander.try_wait().ok().flatten());
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(
+        st.and_then(|s| s.signal()),
+        Some(libc::SIGKILL),
+        "the rest of the container is killed too"
+    );
+}
