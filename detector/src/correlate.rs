@@ -232,8 +232,9 @@ impl Correlator {
             return Vec::new();
         };
         let w = lk.workload(a.common.cgroup_id);
-        let process = self.process(a.common.tgid, a.ppid, &a.comm, Some(a.uid));
-        let exe = process.exe.clone().unwrap_or_default();
+        // The full `Process` (ancestry walk, clones) only when there is a
+        // finding: most reads are the expected reader and produce none.
+        let exe = self.processes.exe_of(a.common.tgid).unwrap_or_default();
         let mut out = Vec::new();
 
         if let Some(owner) = &cred.owner_pod_uid {
@@ -242,6 +243,7 @@ impl Correlator {
                 None => !exe_matches(&exe, &self.trusted_host_readers),
             };
             if foreign {
+                let process = self.process(a.common.tgid, a.ppid, &a.comm, Some(a.uid));
                 out.push(self.finding(
                     &*lk,
                     a.common.time_ns,
@@ -266,6 +268,7 @@ impl Correlator {
             }),
         };
         if let Some((false, intent)) = verdict {
+            let process = self.process(a.common.tgid, a.ppid, &a.comm, Some(a.uid));
             out.push(self.finding(
                 &*lk,
                 a.common.time_ns,
