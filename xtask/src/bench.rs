@@ -65,6 +65,9 @@ pub struct BenchArgs {
     /// Seconds to wait for the detector's /readyz.
     #[arg(long, default_value_t = 180)]
     ready_timeout: u64,
+    /// Correlation throughput, daemon latencies and memory (bench_correlate.rs).
+    #[command(flatten)]
+    correlate: crate::bench_correlate::Args,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -603,6 +606,10 @@ pub fn bench(args: BenchArgs) -> Result<ExitCode> {
     if !bin.exists() {
         bail!("{} does not exist; run `cargo xtask build`", bin.display());
     }
+    if args.correlate.correlate_only {
+        let out = args.out.as_deref();
+        return crate::bench_correlate::standalone(&args.correlate, &bin, out, args.no_write, args.scale);
+    }
 
     // Files on tmpfs, so (a) and (b) differ only in being a credential.
     let base = if Path::new("/dev/shm").is_dir() {
@@ -928,6 +935,9 @@ computed as the median over rounds of (this configuration / `none` in the same r
         },
         notes = notes.join("\n"),
     );
+
+    let out = args.out.as_deref();
+    crate::bench_correlate::append(&args.correlate, &env.detector, out, args.no_write, args.scale, &mut md);
 
     if !args.no_write {
         let out = args

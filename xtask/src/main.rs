@@ -14,6 +14,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod bench_correlate;
 mod setup;
 mod worker;
 
@@ -50,6 +51,9 @@ enum Cmd {
     /// Internal: one timed workload loop, run in a fresh process by `bench`.
     #[command(hide = true)]
     BenchWorker(worker::WorkerArgs),
+    /// Internal: reads/connects/holders for the correlation part of `bench`.
+    #[command(hide = true)]
+    BenchCorrelateWorker(bench_correlate::WorkerArgs),
 }
 
 fn main() -> ExitCode {
@@ -62,6 +66,7 @@ fn main() -> ExitCode {
         Cmd::Test { args } => test(args),
         Cmd::Bench(args) => bench::bench(args),
         Cmd::BenchWorker(args) => worker::worker(args),
+        Cmd::BenchCorrelateWorker(args) => bench_correlate::worker(args),
     };
     match result {
         Ok(code) => code,
