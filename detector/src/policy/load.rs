@@ -22,11 +22,13 @@ use super::{
     API_VERSION, KIND,
 };
 
-/// Files larger than this are rejected (intents are small; this bounds the
-/// work a hostile file can cause).
-pub const MAX_FILE_BYTES: u64 = 4 << 20;
+/// Files larger than this are rejected: intents are small, a ConfigMap holds
+/// at most 1 MiB too, and this bounds the work a hostile file can cause
+/// (each reported error re-parses its document to find its line: ~1 s for
+/// a worst-case file).
+pub const MAX_FILE_BYTES: u64 = 1 << 20;
 /// Errors reported per file before the rest are summed up in one line.
-pub const MAX_ERRORS_PER_FILE: usize = 100;
+pub const MAX_ERRORS_PER_FILE: usize = 50;
 /// Documents read per file.
 const MAX_DOCUMENTS: usize = 10_000;
 
@@ -251,6 +253,14 @@ fn parse_text(
     let mut intents = Vec::new();
     let mut warnings = Vec::new();
     let mut found: Vec<PolicyError> = Vec::new();
+    if let Some(line) = too_deep(text) {
+        errors.push(PolicyError {
+            file: file.into(),
+            line,
+            message: format!("nesting deeper than {MAX_FLOW_DEPTH} levels of [ and {{"),
+        });
+        return (intents, warnings);
+    }
     for (doc, de) in serde_norway::Deserializer::from_str(text).enumerate() {
         if doc >= MAX_DOCUMENTS {
             found.push(PolicyError {
@@ -332,11 +342,13 @@ fn parse_text(
             intents.push(intent);
         }
         if found.len() >= MAX_ERRORS_PER_FILE {
-            found.push(PolicyError {
-                file: file.into(),
-                line: doc_line,
-                message: "too many errors; stopped reading this file".into(),
-            });
+            if over == 0 {
+                found.push(PolicyError {
+                    file: file.into(),
+                    line: doc_line,
+                    message: "too many errors; stopped reading this file".into(),
+                });
+            }
             break;
         }
     }
@@ -348,6 +360,55 @@ fn parse_text(
         intents.clear();
     }
     (intents, warnings)
+}
+
+/// Flow collections (`[`, `{`) nested deeper than this are rejected before
+/// parsing: libyaml's scanner is quadratic in the nesting depth (100,000
+/// levels take ~20 s), and intents nest 4 levels deep.
+const MAX_FLOW_DEPTH: usize = 64;
+
+/// The line where flow nesting first exceeds [`MAX_FLOW_DEPTH`], if it does.
+/// Brackets inside quotes and comments do not count; unbalanced closing
+/// brackets are ignored (the parser reports those).
+fn too_deep(text: &str) -> Option<usize> {
+    let (mut depth, mut line) = (0usize, 1usize);
+    let (mut single, mut double, mut comment, mut escaped) = (false, false, false, false);
+    let mut prev = b'\n';
+    for &b in text.as_bytes() {
+        if b == b'\n' {
+            line += 1;
+            comment = false;
+        } else if comment {
+        } else if double {
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                double = false;
+            }
+        } else if single {
+            if b == b'\'' {
+                single = false;
+            }
+        } else {
+            match b {
+                b'#' if prev.is_ascii_whitespace() => comment = true,
+                b'"' => double = true,
+                b'\'' if depth > 0 || prev.is_ascii_whitespace() || prev == b':' => single = true,
+                b'[' | b'{' => {
+                    depth += 1;
+                    if depth > MAX_FLOW_DEPTH {
+                        return Some(line);
+                    }
+                }
+                b']' | b'}' => depth = depth.saturating_sub(1),
+                _ => {}
+            }
+        }
+        prev = b;
+    }
+    None
 }
 
 struct Problem {
@@ -1071,8 +1132,11 @@ fn dns_label(s: &str) -> Result<(), String> {
 }
 
 /// `detector policy check PATH...`: prints each error as `file:line: message`
-/// (and warnings as `file:line: warning: message`) to stderr, and a summary;
+/// (and warnings as `file:line: warning: message`) to stderr, then a summary
+/// (`N intents OK (M files)` on stdout, or `N errors in M files` on stderr);
 /// returns whether everything is valid (the caller exits non-zero if not).
+/// `Err` is never returned today (unreadable paths are reported as errors
+/// like any other); it is there for the caller's `?`.
 pub fn check_cli(paths: &[PathBuf]) -> anyhow::Result<bool> {
     let dns = DnsTable::default();
     match load(paths, &dns) {
@@ -1082,7 +1146,7 @@ pub fn check_cli(paths: &[PathBuf]) -> anyhow::Result<bool> {
             }
             let files = if set.files == 1 { "file" } else { "files" };
             let intents = if set.len() == 1 { "intent" } else { "intents" };
-            eprintln!("{} {intents} OK ({} {files})", set.len(), set.files);
+            println!("{} {intents} OK ({} {files})", set.len(), set.files);
             Ok(true)
         }
         Err(e) => {

@@ -288,7 +288,7 @@ fn duplicate_names_across_files_are_errors() {
     std::fs::write(dir.join("notes.txt"), "not yaml").unwrap();
     std::fs::write(dir.join(".hidden.yaml"), "junk: [").unwrap();
     std::fs::write(dir.join("sub/x.yaml"), "junk: [").unwrap();
-    let e = load(&[dir.clone()], &DnsTable::default()).unwrap_err();
+    let e = load(std::slice::from_ref(&dir), &DnsTable::default()).unwrap_err();
     let got: Vec<String> = e.errors.iter().map(|e| e.to_string()).collect();
     assert_eq!(
         got,
@@ -318,12 +318,39 @@ fn duplicate_names_across_files_are_errors() {
 fn binary_and_hostile_input_never_panics() {
     let d = dns();
     let p = Path::new("t.yaml");
-    // Deep nesting: the parser's recursion limit, reported with a line.
+    // Deep nesting: refused before parsing (libyaml is quadratic in it).
+    let t0 = std::time::Instant::now();
     let deep = format!("{HEAD}metadata: {}\n", "[".repeat(100_000));
     let e = load_str(p, &deep, &d).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "t.yaml:3: nesting deeper than 64 levels of [ and {"
+    );
+    // Under the guard, parsed as usual.
+    let deep = format!(
+        "{HEAD}metadata: {}{}\n",
+        "[{a: ".repeat(32),
+        "}]".repeat(32)
+    );
+    let e = load_str(p, &deep, &d).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "t.yaml:1: missing field spec\nt.yaml:3: metadata: expected a mapping, found a list"
+    );
+    // Brackets in quotes and comments do not count.
+    let quoted = format!(
+        "{HEAD}metadata: {{name: a}} # {}\nspec: {{selector: {{podUID: \"{}\"}}, readers: ['/{}']}}\n",
+        "[".repeat(100),
+        "{[".repeat(100),
+        "[".repeat(100)
+    );
+    let e = load_str(p, &quoted, &d).unwrap_err();
+    assert_eq!(e.errors.len(), 1, "{e}");
+    assert!(e.errors[0].message.starts_with("spec.readers[0]: "), "{e}");
     assert!(
-        e.errors[0].message.contains("recursion limit") || e.errors[0].message.starts_with("YAML"),
-        "{e}"
+        t0.elapsed() < std::time::Duration::from_secs(2),
+        "{:?}",
+        t0.elapsed()
     );
     let deep_map = format!(
         "{}x: 1\n",
@@ -331,7 +358,8 @@ fn binary_and_hostile_input_never_panics() {
             .map(|i| format!("{}k:\n", " ".repeat(i)))
             .collect::<String>()
     );
-    assert!(load_str(p, &deep_map, &d).is_err());
+    let e = load_str(p, &deep_map, &d).unwrap_err();
+    assert!(e.errors[0].message.contains("recursion limit"), "{e}");
     // Aliases that multiply (billion laughs) are bounded by the parser.
     let mut laughs = String::from("a: &a [x, x, x, x, x, x, x, x, x, x]\n");
     for i in 0..9 {
@@ -408,7 +436,7 @@ fn non_utf8_and_oversized_files() {
         vec![b'#'; (load::MAX_FILE_BYTES + 1) as usize],
     )
     .unwrap();
-    let e = load(&[dir.clone()], &DnsTable::default()).unwrap_err();
+    let e = load(std::slice::from_ref(&dir), &DnsTable::default()).unwrap_err();
     let got: Vec<String> = e.errors.iter().map(|e| e.to_string()).collect();
     assert_eq!(
         got,
@@ -669,4 +697,31 @@ fn example_intents_are_valid() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/intents");
     let set = load(&[dir], &DnsTable::default()).unwrap_or_else(|e| panic!("{e}"));
     assert!(set.len() >= 3, "{}", set.len());
+}
+
+#[test]
+fn worst_case_file_is_checked_in_bounded_time() {
+    // Each reported error costs one re-parse of its document (to find its
+    // line): the file size and error caps bound the total.
+    let mut t =
+        format!("{HEAD}metadata: {{name: a}}\nspec:\n  selector: {{podUID: u}}\n  readers:\n");
+    let last = "    - relative\n".repeat(200);
+    while t.len() + last.len() < load::MAX_FILE_BYTES as usize {
+        t.push_str("    - /usr/local/bin/some-long-executable-name\n");
+    }
+    t.push_str(&last);
+    let t0 = std::time::Instant::now();
+    let e = load_str(Path::new("t.yaml"), &t, &dns()).unwrap_err();
+    assert_eq!(e.errors.len(), load::MAX_ERRORS_PER_FILE + 1);
+    assert!(
+        e.errors
+            .iter()
+            .any(|e| e.message == "150 more errors in this document not shown"),
+        "{e}"
+    );
+    assert!(
+        t0.elapsed() < std::time::Duration::from_secs(20),
+        "{:?}",
+        t0.elapsed()
+    );
 }
