@@ -157,11 +157,9 @@ impl Pipeline {
                 .observe((now_ns - t) as f64 / 1e9);
         }
         if let Event::CredentialAccess(a) = &event {
-            let ns = self
-                .credentials
-                .by_id(a.credential_id)
-                .and_then(|w| w.meta.owner_pod_uid.as_ref().map(|_| "unknown"))
-                .unwrap_or("");
+            // Labelled by the reader's namespace (bounded); "" off-pod.
+            let w = workload_of(&mut self.attribution, a.common.cgroup_id);
+            let ns = w.workload.namespace.as_deref().unwrap_or("");
             self.metrics.credential_reads.with_label_values(&[ns]).inc();
         }
         if let Some(out) = self.debug_out.as_mut() {

@@ -53,7 +53,20 @@ fn a_holder_is_denied_outside_its_intent_and_allowed_inside() {
     let allowed = CountingListener::bind("127.0.0.1:0");
     let other = CountingListener::bind("127.0.0.1:0");
     let policy = intent(&fs.dir, &cg, allowed.addr.port(), "block");
+    // A dead webhook receiver (refused connections) must not delay enforcement.
+    let config = fs.dir.join("config.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "sinks:\n  webhook:\n    url: http://127.0.0.1:{}/findings\n    spool_dir: {}\n",
+            detector_tests::free_port(),
+            fs.dir.join("spool").display()
+        ),
+    )
+    .unwrap();
     let d = Daemon::start(&[
+        "--config",
+        config.to_str().unwrap(),
         "--credential-file",
         token.to_str().unwrap(),
         "--policy",
@@ -84,6 +97,21 @@ fn a_holder_is_denied_outside_its_intent_and_allowed_inside() {
     let (_, out) = read_then_connect(&cg, token, "127.0.0.1", allowed.addr.port());
     assert_eq!(out, "connected", "an allowed destination passes");
     assert_eq!(allowed.accepted(), 1);
+
+    // The webhook really was configured, and failing, meanwhile.
+    let webhook_active = detector_tests::wait_for(WAIT, || {
+        let m = d.metrics_text();
+        m.lines()
+            .any(|l| {
+                l.starts_with("detector_sink_failed_total{sink=\"webhook\"}") && !l.ends_with(" 0")
+            })
+            .then_some(())
+    });
+    assert!(
+        webhook_active.is_some(),
+        "webhook sink not failing:\n{}",
+        d.metrics_text()
+    );
 
     // Not a holder: the intent does not apply.
     let non_holder = cg
