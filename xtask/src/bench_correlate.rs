@@ -1418,6 +1418,12 @@ fn render(a: &Args, bin: &Path, scale: f64, svg_name: &str) -> (String, Option<S
             );
         }
         if let Some(big) = mem.iter().max_by_key(|p| p.pods) {
+            let short: Vec<String> = mem
+                .iter()
+                .filter(|p| p.credentials < p.pods as f64 || p.holders < p.held as f64)
+                .map(|p| format!("{} pods: {} credentials / {} holders tracked", p.pods, p.credentials, p.holders))
+                .collect();
+            let tracked = short.is_empty();
             let _ = writeln!(
                 md,
                 "\nTarget ≤ 64 MiB RSS at 10k: at {} pods VmRSS is **{}** — {}.",
@@ -1425,12 +1431,23 @@ fn render(a: &Args, bin: &Path, scale: f64, svg_name: &str) -> (String, Option<S
                 mib(big.rss as f64),
                 if big.pods < 10_000 {
                     "10k not measured in this run"
+                } else if !tracked {
+                    "**not a valid measurement**: the daemon did not track every pod (see below)"
                 } else if big.rss <= 64 << 20 {
                     "met"
                 } else {
                     "not met"
                 }
             );
+            if !short.is_empty() {
+                let _ = writeln!(
+                    md,
+                    "\n**The daemon tracked fewer credentials/holders than created** ({}): the inventory reads at most \
+                     4096 entries per directory (`MAX_ENTRIES` in detector/src/inventory/mod.rs), `pods/` included, so \
+                     pods beyond 4096 are not watched and their readers are not holders. The RSS above is for what it tracked.",
+                    short.join("; ")
+                );
+            }
             if mem.len() >= 2 {
                 let small = &mem[mem.len() - 2];
                 if big.pods > small.pods {
