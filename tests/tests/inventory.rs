@@ -351,7 +351,7 @@ async fn hostile_node_state_gives_warnings_not_failures() {
     atomic_write(&locked, &sa_files("locked"));
     std::fs::set_permissions(
         std::fs::canonicalize(locked.join("token")).unwrap(),
-        std::fs::Permissions::from_mode(0),
+        std::fs::Permissions::from_mode(0o000),
     )
     .unwrap();
 

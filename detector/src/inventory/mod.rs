@@ -45,8 +45,7 @@ use serde::Serialize;
 
 pub use watch::{spawn_watcher, InventoryUpdate};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
-#[serde(rename_all = "kebab-case")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum CredentialKind {
     KubernetesServiceAccount,
     KubernetesSecretToken,
@@ -68,6 +67,13 @@ impl CredentialKind {
             Self::VaultAgent => "vault-agent",
             Self::Custom => "custom",
         }
+    }
+}
+
+/// Serialized as [`CredentialKind::as_str`].
+impl Serialize for CredentialKind {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
     }
 }
 
@@ -729,6 +735,10 @@ mod tests {
         assert_eq!(
             serde_json::to_value(CredentialKind::AwsWebIdentity).unwrap(),
             "aws-web-identity"
+        );
+        assert_eq!(
+            serde_json::to_value(CredentialKind::KubernetesServiceAccount).unwrap(),
+            "kubernetes-serviceaccount"
         );
     }
 
