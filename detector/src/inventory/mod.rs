@@ -287,7 +287,8 @@ const SECRET: &str = "kubernetes.io~secret";
 /// Depth below a volume directory the glob walk goes.
 const MAX_DEPTH: usize = 4;
 /// Entries read per directory; more is hostile or not a credential volume.
-const MAX_ENTRIES: usize = 4096;
+/// High enough for `pods/` on the largest nodes plus orphaned pod dirs.
+const MAX_ENTRIES: usize = 65536;
 
 /// One pass over the node. See the module docs.
 pub fn scan(cfg: &InventoryConfig) -> (Vec<CredentialFile>, Vec<String>) {
