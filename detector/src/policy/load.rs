@@ -1021,14 +1021,38 @@ impl Cx<'_> {
 /// "did you mean" for a misspelt field name.
 fn suggestion(k: &str, allowed: &[&str]) -> String {
     let lower = k.to_ascii_lowercase();
+    if lower.len() > 64 {
+        return String::new();
+    }
     allowed
         .iter()
-        .find(|a| {
-            let a = a.to_ascii_lowercase();
-            a == lower || (lower.len() > 3 && (a.starts_with(&lower) || lower.starts_with(&a)))
+        .map(|a| {
+            let al = a.to_ascii_lowercase();
+            let close = al == lower
+                || (lower.len() > 3 && (al.starts_with(&lower) || lower.starts_with(&al)))
+                || (lower.len() > 3 && edit_distance(&al, &lower) <= 2);
+            (a, close, edit_distance(&al, &lower))
         })
-        .map(|a| format!(" (did you mean {a}?)"))
+        .filter(|(_, close, _)| *close)
+        .min_by_key(|(_, _, d)| *d)
+        .map(|(a, _, _)| format!(" (did you mean {a}?)"))
         .unwrap_or_default()
+}
+
+/// Levenshtein distance (short strings only).
+fn edit_distance(a: &str, b: &str) -> usize {
+    let (a, b): (Vec<char>, Vec<char>) = (a.chars().collect(), b.chars().collect());
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.iter().enumerate() {
+        let mut cur = vec![i + 1; b.len() + 1];
+        for (j, cb) in b.iter().enumerate() {
+            cur[j + 1] = (prev[j] + usize::from(ca != cb))
+                .min(prev[j + 1] + 1)
+                .min(cur[j] + 1);
+        }
+        prev = cur;
+    }
+    prev[b.len()]
 }
 
 fn reader(s: &str) -> Result<Reader, String> {
