@@ -343,7 +343,10 @@ impl Pipeline {
                 }
                 false
             }
-            InventoryUpdate::Synced => true,
+            InventoryUpdate::Synced => {
+                self.metrics.credentials.set(self.credentials.len() as i64);
+                true
+            }
         }
     }
 }
