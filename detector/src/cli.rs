@@ -153,6 +153,14 @@ pub struct RunArgs {
     /// [default: kubelet in /usr/bin, /usr/local/bin].
     #[arg(long = "trusted-host-reader")]
     pub trusted_host_reader: Vec<String>,
+    /// How long a credential that disappeared (rotated away, pod removed)
+    /// stays watched: a process may still read the old file [default: 2m].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub rotation_grace: Option<Duration>,
+    /// CRI runtime socket for pod names and labels
+    /// [default: found automatically among the usual paths].
+    #[arg(long)]
+    pub cri_socket: Option<PathBuf>,
 }
 
 /// The config file's shape: the `run` flags.
@@ -181,6 +189,9 @@ pub struct ConfigFile {
     pub aggregate_window: Option<Duration>,
     #[serde(default)]
     pub trusted_host_reader: Vec<String>,
+    #[serde(default, with = "humantime_serde")]
+    pub rotation_grace: Option<Duration>,
+    pub cri_socket: Option<PathBuf>,
     /// Finding outputs (JSON lines, webhook, syslog, OCSF); see `sinks`.
     pub sinks: Option<crate::sinks::SinksConfig>,
 }
@@ -206,6 +217,9 @@ pub struct RunSettings {
     /// Stop by itself after this long (`detector learn`).
     pub stop_after: Option<Duration>,
     pub kill_scope: KillScope,
+    pub rotation_grace: Duration,
+    /// `None`: look for the usual sockets.
+    pub cri_socket: Option<PathBuf>,
 }
 
 pub const DEFAULT_KUBELET_DIR: &str = "/var/lib/kubelet";
@@ -289,6 +303,11 @@ impl RunArgs {
                 }
             },
             kill_scope: self.kill_scope.or(file.kill_scope).unwrap_or_default(),
+            rotation_grace: self
+                .rotation_grace
+                .or(file.rotation_grace)
+                .unwrap_or(Duration::from_secs(120)),
+            cri_socket: self.cri_socket.or(file.cri_socket),
             stop_after: None,
         })
     }

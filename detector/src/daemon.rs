@@ -382,6 +382,7 @@ pub async fn run(settings: RunSettings) -> Result<()> {
     let mut inventory = spawn_watcher(InventoryConfig {
         kubelet_dir: settings.kubelet_dir.clone(),
         extra_files: settings.credential_file.clone(),
+        rotation_grace: settings.rotation_grace,
         ..Default::default()
     });
 
@@ -425,7 +426,8 @@ pub async fn run(settings: RunSettings) -> Result<()> {
         learner: Learner::new(settings.learn_window.as_nanos() as u64),
         declared: Arc::new(IntentSet::new(Vec::new())),
         enforcer: Enforcer::default(),
-        attribution: Attributor::new(&cgroup_root).with_cri(CriHandle::spawn(None)),
+        attribution: Attributor::new(&cgroup_root)
+            .with_cri(CriHandle::spawn(settings.cri_socket.clone())),
         aggregator: Aggregator::new(settings.aggregate_window.as_nanos() as u64),
         sinks,
         wall_offset_ns: boot_to_wall_offset_ns(),
