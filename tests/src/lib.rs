@@ -18,6 +18,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
+pub mod containerd;
 pub mod kernel;
 pub mod net;
 pub mod pods;
