@@ -1,3 +1,5 @@
+/tmp/daemon_head.rs:
+
 //! `detector run`: start-up, the event loop, and clean shutdown.
 //!
 //! One task owns the kernel maps and the ring buffer, so nothing on the event
@@ -301,7 +303,34 @@ impl Pipeline {
             self.lost_seen[i] = total;
         }
         self.metrics.credentials.set(self.credentials.len() as i64);
-        let holders = sensors.maps.holders.keys().filter(|k| k.is_ok()).count();
+        // Holders per workload namespace ("" = host), from the kernel's map.
+        let mut per_ns: std::collections::HashMap<String, i64> = Default::default();
+        let mut holders = 0usize;
+        for tgid in sensors.maps.holders.keys().filter_map(Result::ok) {
+            holders += 1;
+            let cgroup = self
+                .correlator
+                .processes
+                .get(tgid)
+                .map(|p| p.cgroup_id)
+                .unwrap_or(0);
+            let ns = if cgroup == 0 {
+                String::new()
+            } else {
+                workload_of(&mut self.attribution, cgroup)
+                    .workload
+                    .namespace
+                    .unwrap_or_default()
+            };
+            *per_ns.entry(ns).or_default() += 1;
+        }
+        self.metrics.workload_holders.reset();
+        for (ns, n) in per_ns {
+            self.metrics
+                .workload_holders
+                .with_label_values(&[&ns])
+                .set(n);
+        }
         self.metrics.holders.set(holders as i64);
         self.metrics
             .map_entries
@@ -382,7 +411,6 @@ pub async fn run(settings: RunSettings) -> Result<()> {
     let mut inventory = spawn_watcher(InventoryConfig {
         kubelet_dir: settings.kubelet_dir.clone(),
         extra_files: settings.credential_file.clone(),
-        rotation_grace: settings.rotation_grace,
         ..Default::default()
     });
 
@@ -426,8 +454,7 @@ pub async fn run(settings: RunSettings) -> Result<()> {
         learner: Learner::new(settings.learn_window.as_nanos() as u64),
         declared: Arc::new(IntentSet::new(Vec::new())),
         enforcer: Enforcer::default(),
-        attribution: Attributor::new(&cgroup_root)
-            .with_cri(CriHandle::spawn(settings.cri_socket.clone())),
+        attribution: Attributor::new(&cgroup_root).with_cri(CriHandle::spawn(None)),
         aggregator: Aggregator::new(settings.aggregate_window.as_nanos() as u64),
         sinks,
         wall_offset_ns: boot_to_wall_offset_ns(),

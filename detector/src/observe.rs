@@ -35,6 +35,7 @@ pub struct Metrics {
     pub intents: IntGauge,
     pub processing_latency: Histogram,
     pub map_entries: IntGaugeVec,
+    pub workload_holders: IntGaugeVec,
 }
 
 impl Metrics {
@@ -93,6 +94,14 @@ impl Metrics {
             &["map"],
         )?;
         registry.register(Box::new(map_entries.clone()))?;
+        let workload_holders = IntGaugeVec::new(
+            Opts::new(
+                "detector_workload_holders",
+                "Processes holding a credential, by workload namespace (\"\" = host).",
+            ),
+            &["namespace"],
+        )?;
+        registry.register(Box::new(workload_holders.clone()))?;
         // Every series of a closed label set exists from the start, so
         // `increase()` and absence-based alerts work before the first event.
         for kind in detector_common::EventKind::ALL {
@@ -121,6 +130,7 @@ impl Metrics {
             intents: gauge("detector_intents", "Intents in force.")?,
             processing_latency,
             map_entries,
+            workload_holders,
             registry,
         }))
     }

@@ -71,6 +71,29 @@ fn promtool_accepts_metrics_and_credential_reads_move_counters() {
         "credential_access counter did not move by 3:\n{}",
         d.metrics_text()
     );
+    // A live holder (keeps the fd open) is counted per workload namespace
+    // ("" for a process outside any pod).
+    let mut holder = cg
+        .command("/bin/sh")
+        .arg("-c")
+        .arg(format!("exec 3<{}; sleep 30", token.display()))
+        .spawn()
+        .unwrap();
+    let counted = wait_for(Duration::from_secs(10), || {
+        (value(
+            &d.metrics_text(),
+            "detector_workload_holders{namespace=\"\"}",
+        ) >= 1.0)
+            .then_some(())
+    });
+    let _ = holder.kill();
+    let _ = holder.wait();
+    assert!(
+        counted.is_some(),
+        "holder not counted:\n{}",
+        d.metrics_text()
+    );
+
     // The planted credential value never shows up in metrics.
     assert!(!d.metrics_text().contains("planted"));
 }
