@@ -1,5 +1,3 @@
-/tmp/daemon_head.rs:
-
 //! `detector run`: start-up, the event loop, and clean shutdown.
 //!
 //! One task owns the kernel maps and the ring buffer, so nothing on the event
@@ -411,6 +409,7 @@ pub async fn run(settings: RunSettings) -> Result<()> {
     let mut inventory = spawn_watcher(InventoryConfig {
         kubelet_dir: settings.kubelet_dir.clone(),
         extra_files: settings.credential_file.clone(),
+        rotation_grace: settings.rotation_grace,
         ..Default::default()
     });
 
@@ -454,7 +453,8 @@ pub async fn run(settings: RunSettings) -> Result<()> {
         learner: Learner::new(settings.learn_window.as_nanos() as u64),
         declared: Arc::new(IntentSet::new(Vec::new())),
         enforcer: Enforcer::default(),
-        attribution: Attributor::new(&cgroup_root).with_cri(CriHandle::spawn(None)),
+        attribution: Attributor::new(&cgroup_root)
+            .with_cri(CriHandle::spawn(settings.cri_socket.clone())),
         aggregator: Aggregator::new(settings.aggregate_window.as_nanos() as u64),
         sinks,
         wall_offset_ns: boot_to_wall_offset_ns(),
