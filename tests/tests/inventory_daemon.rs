@@ -1,0 +1,332 @@
+//! The credential inventory through the real daemon: a kubelet-exact
+//! rotation (new `..<timestamp>` dir, `..data` swapped by rename, old dir
+//! removed) while a container of the owner pod reads the token in a loop,
+//! a read of the old inode within the grace period, the kernel's
+//! CREDENTIALS map after the grace, and a pod directory removed.
+
+use std::{
+    collections::{BTreeSet, HashMap as StdHashMap},
+    os::unix::fs::MetadataExt,
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use aya::maps::{HashMap, Map, MapData, MapInfo};
+use detector_common::{kernel_dev_from_user, CredentialInfo, CredentialKey};
+use detector_tests::{
+    require_root,
+    runc::{kubelet_atomic_write, new_pod_uid, Container, Layout, Spec, TOKEN_PATH},
+    wait_for, Daemon, Tmpfs,
+};
+use serde_json::Value;
+
+/// Map ids a process holds, from /proc/<pid>/fdinfo.
+fn map_ids(pid: u32) -> BTreeSet<u32> {
+    let mut ids = BTreeSet::new();
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
+        return ids;
+    };
+    for entry in dir.flatten() {
+        let Ok(text) = std::fs::read_to_string(entry.path()) else {
+            continue;
+        };
+        for line in text.lines() {
+            if let Some(v) = line.strip_prefix("map_id:") {
+                if let Ok(id) = v.trim().parse() {
+                    ids.insert(id);
+                }
+            }
+        }
+    }
+    ids
+}
+
+/// The daemon's CREDENTIALS map: (kernel dev, ino) -> credential id.
+fn credentials_of(pid: u32) -> StdHashMap<(u64, u64), u32> {
+    let data = map_ids(pid)
+        .into_iter()
+        .find_map(|id| {
+            let info = MapInfo::from_id(id).ok()?;
+            (info.name_as_str() == Some("CREDENTIALS"))
+                .then(|| MapData::from_id(id).ok())
+                .flatten()
+        })
+        .expect("daemon has a CREDENTIALS map");
+    let map: HashMap<MapData, CredentialKey, CredentialInfo> =
+        HashMap::try_from(Map::HashMap(data)).expect("CREDENTIALS is a hash of key -> info");
+    map.iter()
+        .filter_map(|r| r.ok())
+        .map(|(k, v)| ((k.dev, k.ino), v.id))
+        .collect()
+}
+
+fn key_of(p: &Path) -> (u64, u64) {
+    let md = std::fs::metadata(p).unwrap();
+    (kernel_dev_from_user(md.dev()), md.ino())
+}
+
+/// `pod=` of the "watching credential" log line with `id=<id>`.
+fn logged_owner(log: &str, id: u32) -> Option<String> {
+    let want = format!("id={id}");
+    log.lines()
+        .filter(|l| l.contains("watching credential"))
+        .map(strip_ansi)
+        .find(|l| l.split_whitespace().any(|w| w == want))
+        .and_then(|l| {
+            l.split_whitespace().find_map(|w| {
+                w.strip_prefix("pod=")
+                    .map(|p| p.trim_matches('"').to_string())
+            })
+        })
+}
+
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::new();
+    let mut esc = false;
+    for c in s.chars() {
+        if esc {
+            if c.is_ascii_alphabetic() {
+                esc = false;
+            }
+        } else if c == '\x1b' {
+            esc = true;
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+fn accesses(d: &Daemon, cgroup_id: u64) -> Vec<Value> {
+    d.events()
+        .into_iter()
+        .filter(|e| e["event"] == "credential_access" && e["cgroup_id"] == cgroup_id)
+        .collect()
+}
+
+const GRACE: Duration = Duration::from_secs(4);
+
+#[test]
+fn rotation_through_the_daemon_and_pod_removal() {
+    require_root();
+    let kubelet = Tmpfs::new("invd-kubelet");
+    let uid = new_pod_uid();
+    let pod_dir = kubelet.dir.join("pods").join(&uid);
+    let vol = pod_dir.join("volumes/kubernetes.io~projected/kube-api-access-r0t8x");
+    std::fs::create_dir_all(&vol).unwrap();
+    std::fs::create_dir_all(pod_dir.join("containers/app")).unwrap();
+    let sa = |t: &'static str| [("token", t), ("ca.crt", "ca"), ("namespace", "default")];
+    kubelet_atomic_write(&vol, &sa("token-1"));
+    let k1 = key_of(&vol.join("token"));
+
+    let kdir = kubelet.dir.display().to_string();
+    let grace = format!("{}s", GRACE.as_secs());
+    let d = Daemon::start(&["--kubelet-dir", &kdir, "--rotation-grace", &grace]).expect("daemon");
+    let dpid = d.child.id();
+    let creds = credentials_of(dpid);
+    let id1 = *creds
+        .get(&k1)
+        .unwrap_or_else(|| panic!("token not in CREDENTIALS at ready: {creds:?}\n{}", d.log()));
+    assert_eq!(logged_owner(&d.log(), id1).as_deref(), Some(uid.as_str()));
+
+    // The owner pod's container: its init keeps the token open on fd 3.
+    let c = Container::start(
+        Spec::new(
+            Layout::Cgroupfs,
+            &[
+                "sh",
+                "-c",
+                &format!("exec 3<{TOKEN_PATH}; while true; do sleep 1; done"),
+            ],
+        )
+        .pod(&uid)
+        .volume(&vol),
+    )
+    .expect("runc container");
+    let cg = c.cgroup_id.expect("container cgroup id");
+    // The init's open is seen (fd 3 on the first token).
+    let init_open = d.wait_events(Duration::from_secs(5), |e| {
+        e["event"] == "credential_access" && e["cgroup_id"] == cg && e["fd"] == 3
+    });
+    assert_eq!(init_open[0]["ino"], k1.1, "{init_open:?}");
+
+    // A reader loop across the rotation: one `cat` (one open) per line.
+    let n = 1500;
+    let script = format!("i=0; while [ $i -lt {n} ]; do cat {TOKEN_PATH}; echo; i=$((i+1)); done");
+    let reader = {
+        let state_root = c.state_root.clone();
+        let name = format!("dt-{}", &c.spec.container_id[..16]);
+        std::thread::spawn(move || {
+            std::process::Command::new("runc")
+                .arg("--root")
+                .arg(state_root)
+                .args(["exec", &name, "sh", "-c", &script])
+                .stdin(std::process::Stdio::null())
+                .output()
+                .expect("runc exec reader")
+        })
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    let t_rot = Instant::now();
+    let ts2 = kubelet_atomic_write(&vol, &sa("token-2"));
+    let k2 = key_of(&vol.join("token"));
+    assert_ne!(k1, k2, "rotation must give a new inode");
+    assert!(ts2.is_dir() && !vol.join("..data_tmp").exists());
+    // Within the grace: the old inode through the init's descriptor.
+    let old = c
+        .exec(&["head", "-c", "64", "/proc/1/fd/3"])
+        .expect("runc exec head");
+    let old_at = t_rot.elapsed();
+    assert_eq!(String::from_utf8_lossy(&old.stdout), "token-1", "{old:?}");
+    assert!(
+        old_at < GRACE,
+        "old-inode read at {old_at:?}, grace {GRACE:?}"
+    );
+
+    let out = reader.join().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let r1 = text.lines().filter(|l| *l == "token-1").count();
+    let r2 = text.lines().filter(|l| *l == "token-2").count();
+    eprintln!(
+        "reads: {r1} of token-1, {r2} of token-2, loop ended {:?} after the rotation",
+        t_rot.elapsed()
+    );
+    assert_eq!(r1 + r2, n, "every read returned a token");
+    assert!(r1 > 0 && r2 > 0, "the rotation fell inside the reader loop");
+    d.settle();
+
+    // No gap: every `cat` open produced an event, on the inode it read.
+    let ev = accesses(&d, cg);
+    let cats = |ino: u64| {
+        ev.iter()
+            .filter(|e| e["comm"] == "cat" && e["ino"] == ino && e["route"] == "openat")
+            .count()
+    };
+    let (e1, e2) = (cats(k1.1), cats(k2.1));
+    eprintln!("events: {e1} on the old inode, {e2} on the new inode");
+    let t = |ino: u64, last: bool| {
+        let it = ev
+            .iter()
+            .filter(|e| e["comm"] == "cat" && e["ino"] == ino)
+            .map(|e| e["time_ns"].as_u64().unwrap());
+        if last {
+            it.max()
+        } else {
+            it.min()
+        }
+    };
+    let window_ms = match (t(k1.1, true), t(k2.1, false)) {
+        (Some(a), Some(b)) => (b as f64 - a as f64) / 1e6,
+        _ => f64::NAN,
+    };
+    eprintln!("last old-inode event to first new-inode event: {window_ms:.1} ms");
+    let creds = credentials_of(dpid);
+    let id2 = *creds.get(&k2).expect("new token in CREDENTIALS");
+    assert_eq!(logged_owner(&d.log(), id2).as_deref(), Some(uid.as_str()));
+    assert!(ev
+        .iter()
+        .filter(|e| e["ino"] == k2.1)
+        .all(|e| e["credential_id"] == id2));
+
+    // The old inode's read within the grace: an event, the old credential
+    // (owned by this pod), from this pod's container.
+    let h: Vec<&Value> = ev.iter().filter(|e| e["comm"] == "head").collect();
+    assert_eq!(h.len(), 1, "{h:#?}");
+    assert_eq!(
+        (h[0]["ino"].as_u64(), h[0]["dev"].as_u64()),
+        (Some(k1.1), Some(k1.0))
+    );
+    assert_eq!(h[0]["credential_id"], id1);
+    let mut attr = detector::attribution::Attributor::new(detector_tests::cgroup2_root());
+    let w = attr.resolve(cg).expect("container cgroup resolves");
+    assert_eq!(w.pod.map(|p| p.pod_uid), Some(uid.clone()));
+
+    // Reading its own token (old or new) is never foreign.
+    let findings = d.findings();
+    assert!(
+        !findings.iter().any(|f| f["kind"] == "foreign_credential"),
+        "{findings:#?}"
+    );
+
+    // After the grace the old inode leaves the kernel map; the new one stays.
+    let gone = wait_for(GRACE + Duration::from_secs(3), || {
+        let m = credentials_of(dpid);
+        (!m.contains_key(&k1)).then_some(m)
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "old inode still in CREDENTIALS after the grace\n{}",
+            d.log()
+        )
+    });
+    eprintln!(
+        "old inode left the map {:?} after the rotation",
+        t_rot.elapsed()
+    );
+    assert!(t_rot.elapsed() >= GRACE);
+    assert!(gone.contains_key(&k2));
+    // ...and reading it is no longer an event.
+    let before = accesses(&d, cg).len();
+    let late = c.exec(&["head", "-c", "64", "/proc/1/fd/3"]).unwrap();
+    assert_eq!(String::from_utf8_lossy(&late.stdout), "token-1");
+    let probe = c.exec(&["cat", TOKEN_PATH]).unwrap(); // a marker that is an event
+    assert_eq!(String::from_utf8_lossy(&probe.stdout), "token-2");
+    d.wait_events(Duration::from_secs(5), |e| {
+        e["event"] == "credential_access"
+            && e["cgroup_id"] == cg
+            && e["ino"] == k2.1
+            && e["comm"] == "cat"
+    });
+    d.settle();
+    let after: Vec<Value> = accesses(&d, cg).into_iter().skip(before).collect();
+    assert!(
+        after.iter().all(|e| e["ino"] != k1.1),
+        "the expired inode still produces events: {after:#?}"
+    );
+
+    // Positive control: another pod reading this token is a finding, so
+    // the absence above means something.
+    let foreign = Spec::new(Layout::Cgroupfs, &["cat", TOKEN_PATH]).volume(&vol);
+    let (cf, out_f, _) = Container::run_to_end(foreign).unwrap();
+    assert_eq!(String::from_utf8_lossy(&out_f.stdout), "token-2");
+    let f = d.wait_findings(Duration::from_secs(10), |f| {
+        f["kind"] == "foreign_credential"
+    });
+    assert_eq!(
+        f[0]["workload"]["pod_uid"],
+        cf.spec.pod_uid.as_str(),
+        "{f:?}"
+    );
+    assert_eq!(f[0]["credential"]["owner_pod_uid"], uid.as_str(), "{f:?}");
+    drop(cf);
+
+    // The pod goes: its containers first, then kubelet removes the directory.
+    drop(c);
+    let t_rm = Instant::now();
+    std::fs::remove_dir_all(&pod_dir).unwrap();
+    let m = credentials_of(dpid);
+    assert!(m.contains_key(&k2), "removed before the grace: {m:?}");
+    wait_for(GRACE + Duration::from_secs(3), || {
+        (!credentials_of(dpid).contains_key(&k2)).then_some(())
+    })
+    .unwrap_or_else(|| panic!("removed pod's token still in CREDENTIALS\n{}", d.log()));
+    let took = t_rm.elapsed();
+    eprintln!("removed pod's token left the map after {took:?}");
+    assert!(took >= GRACE, "left after {took:?} < grace");
+    let m = credentials_of(dpid);
+    assert!(m.is_empty(), "stale credentials in the kernel map: {m:?}");
+    assert!(d.log().contains("credential gone"));
+
+    // Checked last, so everything above is verified too: no gap.
+    assert_eq!(
+        (e1, e2),
+        (r1, r2),
+        "(events, reads) differ: {} reads of the new token had no event (the new inode was not in the kernel map yet; {window_ms:.1} ms between the last old-inode and first new-inode event)",
+        r2.saturating_sub(e2)
+    );
+}
