@@ -78,3 +78,87 @@ async fn containerd_pod_is_named_from_cri() {
     cd.remove_all_pods().expect("stop and remove the pod");
     assert!(!dir.exists(), "container cgroup left behind");
 }
+
+/// Through the daemon with `--cri-socket`: a CRI container of another pod
+/// reads pod A's token; the finding names the reader's pod and namespace
+/// as CRI knows them.
+#[test]
+fn daemon_names_a_cri_reader_in_its_finding() {
+    use detector_tests::{
+        runc::{kubelet_atomic_write, TOKEN_PATH},
+        Daemon, Tmpfs,
+    };
+    require_root();
+    let kubelet = Tmpfs::new("cri-kubelet");
+    let uid_a = new_pod_uid();
+    let vol = kubelet
+        .dir
+        .join("pods")
+        .join(&uid_a)
+        .join("volumes/kubernetes.io~projected/kube-api-access-q9z2w");
+    std::fs::create_dir_all(&vol).unwrap();
+    kubelet_atomic_write(
+        &vol,
+        &[("token", "token-a"), ("ca.crt", "ca"), ("namespace", "a")],
+    );
+
+    let mut cd = Containerd::start().expect("containerd");
+    let uid_b = new_pod_uid();
+    let sandbox = cd.sandbox_config("thief-0", "rogue", &uid_b, &[("app", "thief")]);
+    let script = format!("sleep 2; while true; do cat {TOKEN_PATH} >/dev/null; sleep 1; done");
+    let ctr = Containerd::container_config(
+        &sandbox,
+        "reader",
+        &["/bin/sh", "-c", &script],
+        vec![detector::attribution::cri::v1::Mount {
+            container_path: "/var/run/secrets/kubernetes.io/serviceaccount".into(),
+            host_path: vol.display().to_string(),
+            readonly: true,
+        }],
+    );
+    let kdir = kubelet.dir.display().to_string();
+    let sock = cd.socket.display().to_string();
+    let d = Daemon::start(&[
+        "--kubelet-dir",
+        &kdir,
+        "--cri-socket",
+        &sock,
+        "--aggregate-window",
+        "2s",
+    ])
+    .expect("daemon");
+    let sb = sandbox.clone();
+    let cid = cd
+        .block_on(move |mut c| async move {
+            let sid = c.run_pod_sandbox(sb.clone()).await?;
+            let cid = c.create_container(&sid, ctr, sb).await?;
+            c.start_container(&cid).await?;
+            Ok(cid)
+        })
+        .unwrap_or_else(|e| panic!("CRI pod: {e:#}\n{}", cd.log()));
+    // The pod is newer than the daemon's CRI snapshot: the first finding may
+    // come before the refresh it triggers; the next ones carry the names.
+    let f = d.wait_findings(Duration::from_secs(30), |f| {
+        f["kind"] == "foreign_credential" && f["workload"]["pod"] == "thief-0"
+    });
+    let f = &f[0];
+    eprintln!("{f:#}");
+    let all = d.findings();
+    let first = all
+        .iter()
+        .find(|f| f["workload"]["pod_uid"] == uid_b.as_str())
+        .unwrap();
+    eprintln!(
+        "first finding of the CRI pod named it: {} (pod {}, namespace {})",
+        first["workload"]["pod"] == "thief-0",
+        first["workload"]["pod"],
+        first["workload"]["namespace"]
+    );
+    assert_eq!(f["workload"]["namespace"], "rogue", "{f}");
+    assert_eq!(f["workload"]["pod_uid"], uid_b.as_str(), "{f}");
+    assert_eq!(f["workload"]["container_id"], cid.as_str(), "{f}");
+    assert_eq!(f["credential"]["owner_pod_uid"], uid_a.as_str(), "{f}");
+    assert!(d.log().contains("connected to CRI runtime"), "{}", d.log());
+    drop(d);
+    cd.remove_all_pods().expect("stop and remove the pod");
+}
