@@ -58,6 +58,8 @@ pub struct Node {
 
 impl Node {
     pub fn new() -> Node {
+        static SWEPT: std::sync::Once = std::sync::Once::new();
+        SWEPT.call_once(sweep_stale);
         let kubelet = Tmpfs::new("kubelet");
         std::fs::create_dir_all(kubelet.dir.join("pods")).expect("mkdir pods");
         Node { kubelet }
@@ -708,4 +710,68 @@ pub fn output_text(o: &Output) -> String {
         String::from_utf8_lossy(&o.stdout),
         String::from_utf8_lossy(&o.stderr)
     )
+}
+
+/// True if `pid` names a live process.
+fn alive(pid: i32) -> bool {
+    pid > 0 && unsafe { libc::kill(pid, 0) } == 0
+}
+
+/// The pid in `<prefix><pid>-<n>` (names made by [`unique`]).
+fn owner_pid(name: &str, prefix: &str) -> Option<i32> {
+    name.strip_prefix(prefix)?.split('-').next()?.parse().ok()
+}
+
+/// Remove what test processes that died without running their destructors
+/// (SIGKILL, Ctrl-C, a timeout) left behind: their containers, the cgroup
+/// directories of those containers, their pod bundles and their kubelet
+/// tmpfs mounts. Only things named after a process that no longer exists.
+pub fn sweep_stale() {
+    let tmp = std::env::temp_dir();
+    let Ok(dir) = std::fs::read_dir(&tmp) else { return };
+    for entry in dir.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = owner_pid(&name, "detector-pod-") else { continue };
+        if alive(pid) {
+            continue;
+        }
+        let bundle = entry.path();
+        let state = bundle.join("state");
+        for c in std::fs::read_dir(&state).into_iter().flatten().flatten() {
+            let id = c.file_name().to_string_lossy().into_owned();
+            let _ = runc(&state).args(["kill", &id, "KILL"]).stderr(Stdio::null()).status();
+            let _ = runc(&state).args(["delete", "-f", &id]).stderr(Stdio::null()).status();
+        }
+        let cgroup = std::fs::read_to_string(bundle.join("config.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+            .and_then(|v| v["linux"]["cgroupsPath"].as_str().map(str::to_string));
+        if let Some(cg) = cgroup.filter(|c| c.starts_with("/kubepods/")) {
+            let rel = cg.trim_start_matches('/');
+            let _ = std::fs::write(crate::cgroup2_root().join(rel).join("cgroup.kill"), b"1");
+            std::thread::sleep(Duration::from_millis(50));
+            for m in cgroup_mounts() {
+                let leaf = m.join(rel);
+                let _ = std::fs::remove_dir(&leaf);
+                if let Some(pod) = leaf.parent() {
+                    let _ = std::fs::remove_dir(pod); // fails while another container uses it
+                }
+            }
+        }
+        eprintln!("pods: removed leftovers of dead test process {pid}: {}", bundle.display());
+        let _ = std::fs::remove_dir_all(&bundle);
+    }
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    for line in mounts.lines() {
+        let Some(mp) = line.split(' ').nth(1) else { continue };
+        let Some(name) = Path::new(mp).file_name().map(|n| n.to_string_lossy().into_owned()) else { continue };
+        if Path::new(mp).parent() != Some(tmp.as_path()) {
+            continue;
+        }
+        let Some(pid) = owner_pid(&name, "detector-tmpfs-kubelet-") else { continue };
+        if !alive(pid) {
+            let _ = Command::new("umount").arg("-l").arg(mp).status();
+            let _ = std::fs::remove_dir_all(mp);
+        }
+    }
 }

@@ -15,6 +15,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod bench_correlate;
+mod demo;
 mod setup;
 mod worker;
 
@@ -46,6 +47,9 @@ enum Cmd {
         #[arg(last = true)]
         args: Vec<OsString>,
     },
+    /// setup, build, then a demo with two real runc pods (root): a shell
+    /// steals a token and is reported, blocked, then killed.
+    Demo,
     /// Measure the overhead of the kernel sensors; writes docs/BENCHMARKS.md.
     Bench(bench::BenchArgs),
     /// Internal: one timed workload loop, run in a fresh process by `bench`.
@@ -64,6 +68,7 @@ fn main() -> ExitCode {
         Cmd::Build => setup::setup().and_then(|_| build()),
         Cmd::Run { args } => run(args),
         Cmd::Test { args } => test(args),
+        Cmd::Demo => demo::demo(),
         Cmd::Bench(args) => bench::bench(args),
         Cmd::BenchWorker(args) => worker::worker(args),
         Cmd::BenchCorrelateWorker(args) => bench_correlate::worker(args),
