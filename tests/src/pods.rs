@@ -728,10 +728,14 @@ fn owner_pid(name: &str, prefix: &str) -> Option<i32> {
 /// tmpfs mounts. Only things named after a process that no longer exists.
 pub fn sweep_stale() {
     let tmp = std::env::temp_dir();
-    let Ok(dir) = std::fs::read_dir(&tmp) else { return };
+    let Ok(dir) = std::fs::read_dir(&tmp) else {
+        return;
+    };
     for entry in dir.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(pid) = owner_pid(&name, "detector-pod-") else { continue };
+        let Some(pid) = owner_pid(&name, "detector-pod-") else {
+            continue;
+        };
         if alive(pid) {
             continue;
         }
@@ -739,8 +743,14 @@ pub fn sweep_stale() {
         let state = bundle.join("state");
         for c in std::fs::read_dir(&state).into_iter().flatten().flatten() {
             let id = c.file_name().to_string_lossy().into_owned();
-            let _ = runc(&state).args(["kill", &id, "KILL"]).stderr(Stdio::null()).status();
-            let _ = runc(&state).args(["delete", "-f", &id]).stderr(Stdio::null()).status();
+            let _ = runc(&state)
+                .args(["kill", &id, "KILL"])
+                .stderr(Stdio::null())
+                .status();
+            let _ = runc(&state)
+                .args(["delete", "-f", &id])
+                .stderr(Stdio::null())
+                .status();
         }
         let cgroup = std::fs::read_to_string(bundle.join("config.json"))
             .ok()
@@ -758,17 +768,29 @@ pub fn sweep_stale() {
                 }
             }
         }
-        eprintln!("pods: removed leftovers of dead test process {pid}: {}", bundle.display());
+        eprintln!(
+            "pods: removed leftovers of dead test process {pid}: {}",
+            bundle.display()
+        );
         let _ = std::fs::remove_dir_all(&bundle);
     }
     let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
     for line in mounts.lines() {
-        let Some(mp) = line.split(' ').nth(1) else { continue };
-        let Some(name) = Path::new(mp).file_name().map(|n| n.to_string_lossy().into_owned()) else { continue };
+        let Some(mp) = line.split(' ').nth(1) else {
+            continue;
+        };
+        let Some(name) = Path::new(mp)
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+        else {
+            continue;
+        };
         if Path::new(mp).parent() != Some(tmp.as_path()) {
             continue;
         }
-        let Some(pid) = owner_pid(&name, "detector-tmpfs-kubelet-") else { continue };
+        let Some(pid) = owner_pid(&name, "detector-tmpfs-kubelet-") else {
+            continue;
+        };
         if !alive(pid) {
             let _ = Command::new("umount").arg("-l").arg(mp).status();
             let _ = std::fs::remove_dir_all(mp);

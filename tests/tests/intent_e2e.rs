@@ -6,8 +6,8 @@
 //! 1. a shell reads its pod's token and connects where the intent does not
 //!    allow: `unexpected_reader` + `unexpected_destination` (alert), EPERM and
 //!    no accepted connection (block), SIGKILL and no connection (kill);
-//! 2. the app reads its token periodically and talks only to its allowed
-//!    destination: no finding;
+//! 2. the app reads its token periodically (across a kubelet rotation) and
+//!    talks only to its allowed destination: no finding;
 //! 3. another pod (hostPath of the kubelet dir, /proc/<pid>/root with
 //!    hostPID) and a host process read a pod's token: `foreign_credential`;
 //! 4. a holder's forked child and a program it execs connect elsewhere:
@@ -136,6 +136,10 @@ fn shell_attack(pod: &Pod, to: &CountingListener) -> detector_tests::pods::Exec 
     assert!(!r.timed_out, "attack did not finish: {}", r.text());
     assert_ne!(r.pid, 0, "no pid from runc: {}", r.text());
     r
+}
+
+fn ino(p: &Path) -> u64 {
+    std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(p).unwrap())
 }
 
 fn pid_of(f: &Value) -> u64 {
@@ -390,7 +394,7 @@ fn the_app_reading_its_token_periodically_is_quiet() {
     require_root();
     let _g = serial();
     let node = Node::new();
-    let (a, allowed, _other) = pod_a_with_service(&node);
+    let (mut a, allowed, _other) = pod_a_with_service(&node);
     let intents = Intents::new();
     let file = intents.write(
         "a.yaml",
@@ -404,7 +408,7 @@ fn the_app_reading_its_token_periodically_is_quiet() {
     let d = start_daemon(&node, &file, &[]);
 
     let log = node.dir().join("app.log");
-    let rounds = 12;
+    let rounds = 14;
     let port = allowed.addr.port().to_string();
     let host = allowed.addr.ip().to_string();
     let pid = a
@@ -420,6 +424,23 @@ fn the_app_reading_its_token_periodically_is_quiet() {
             &log,
         )
         .unwrap();
+    // Halfway, kubelet rotates the token (new `..<timestamp>` dir, new
+    // inode, `..data` swapped): the app's reads of the new token are as
+    // expected as those of the old one.
+    let old_ino = ino(&a.token_file);
+    let half = wait_for(Duration::from_secs(20), || {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        text.contains(&format!("round {} ", rounds / 2))
+            .then_some(())
+    });
+    assert!(
+        half.is_some(),
+        "the app is running: {:?}",
+        std::fs::read_to_string(&log)
+    );
+    a.rotate_token().unwrap();
+    let new_ino = ino(&a.token_file);
+    assert_ne!(old_ino, new_ino);
     let done = wait_for(Duration::from_secs(20), || {
         let text = std::fs::read_to_string(&log).unwrap_or_default();
         text.contains(&format!("round {rounds} ")).then_some(text)
@@ -440,12 +461,29 @@ fn the_app_reading_its_token_periodically_is_quiet() {
 
     // The daemon saw what happened: the reads (as credential accesses) and
     // the connects of a holder, all from /app/server...
-    let reads = d
+    let reads: Vec<Value> = d
         .events()
         .into_iter()
         .filter(|e| e["event"] == "credential_access" && e["tgid"].as_u64() == Some(pid as u64))
-        .count();
-    assert!(reads >= rounds, "the daemon saw {reads} of {rounds} reads");
+        .collect();
+    let of = |i: u64| {
+        reads
+            .iter()
+            .filter(|e| e["ino"].as_u64() == Some(i))
+            .count()
+    };
+    assert!(
+        of(old_ino) >= rounds / 2,
+        "the daemon saw {} reads of the token before rotation: {reads:?}",
+        of(old_ino)
+    );
+    // The read right after the swap may come before the inventory has the
+    // new inode; the later ones are seen.
+    assert!(
+        of(new_ino) >= rounds / 2 - 2,
+        "the daemon saw {} reads of the rotated token: {reads:?}",
+        of(new_ino)
+    );
     let connects: Vec<Value> = d
         .events()
         .into_iter()
@@ -763,7 +801,11 @@ fn invalid_intents_are_rejected_and_the_previous_ones_stay_in_force() {
         "the previous intent still blocks: {}",
         r.text()
     );
-    assert_eq!(other.accepted() + other2.accepted(), 0, "nothing got through");
+    assert_eq!(
+        other.accepted() + other2.accepted(),
+        0,
+        "nothing got through"
+    );
     let f = d
         .wait_findings(WAIT, |f| {
             f["kind"] == "unexpected_destination" && pid_of(f) == r.pid as u64

@@ -18,7 +18,7 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 
-use crate::{detector_bin, describe, is_root, repo_root};
+use crate::{describe, detector_bin, is_root, repo_root};
 
 /// Upper bound for the whole scenario once built (it takes ~10-20 s).
 const DEMO_TIMEOUT: Duration = Duration::from_secs(300);
