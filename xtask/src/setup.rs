@@ -28,6 +28,11 @@ pub const APT_PACKAGES: &[&str] = &[
     "rsyslog",
     "containerd",
     "containernetworking-plugins",
+    // The tests' static /app/server (gcc -static) and python3-venv for
+    // the pinned deploy tools.
+    "gcc",
+    "libc6-dev",
+    "python3-venv",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
