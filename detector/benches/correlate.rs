@@ -29,12 +29,7 @@
 //! Output: one `RESULT name=<case> events=<n> best_eps=<x> median_eps=<y>
 //! ns_per_event=<z>` line per case (parsed by xtask), plus a human summary.
 
-use std::{
-    collections::HashMap,
-    hint::black_box,
-    path::Path,
-    time::Instant,
-};
+use std::{collections::HashMap, hint::black_box, path::Path, time::Instant};
 
 use detector::{
     attribution::Attributor,
@@ -110,7 +105,14 @@ struct Pod {
 }
 
 fn pod_uid(i: usize) -> String {
-    format!("{:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}", 0x1000_0000 + i, i % 0xffff, i % 0xfff, (i * 7) % 0xfff, i * 2654435761 % (1 << 48))
+    format!(
+        "{:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}",
+        0x1000_0000 + i,
+        i % 0xffff,
+        i % 0xfff,
+        (i * 7) % 0xfff,
+        i * 2654435761 % (1 << 48)
+    )
 }
 
 fn pods(n: usize, namespaces: usize) -> Vec<Pod> {
@@ -133,7 +135,12 @@ fn pods(n: usize, namespaces: usize) -> Vec<Pod> {
 
 /// The database replica a pod talks to (inside the intents' 10.20.0.0/16).
 fn db_addr(p: &Pod) -> [u8; 4] {
-    [10, 20, (p.cgroup_id % 250) as u8, (p.cgroup_id / 250 % 250) as u8 + 1]
+    [
+        10,
+        20,
+        (p.cgroup_id % 250) as u8,
+        (p.cgroup_id / 250 % 250) as u8 + 1,
+    ]
 }
 
 fn app_of(i: usize) -> String {
@@ -401,7 +408,13 @@ impl Rng {
 fn seed_records(pods: &[Pod], t: u64) -> Vec<Vec<u8>> {
     let mut v = Vec::new();
     for p in pods {
-        v.push(exec(p, p.shim_pid, 1, t, "/usr/bin/containerd-shim-runc-v2"));
+        v.push(exec(
+            p,
+            p.shim_pid,
+            1,
+            t,
+            "/usr/bin/containerd-shim-runc-v2",
+        ));
         v.push(exec(p, p.app_pid, p.shim_pid, t, APP_EXE));
     }
     v
@@ -443,7 +456,9 @@ fn mix(pods: &[Pod], n: usize, t0: u64, step_ns: u64, seed: u64) -> Vec<Vec<u8>>
                     fork(p, child, p.app_pid, t)
                 }
                 1 => match live.last() {
-                    Some(&(ci, child)) => exec(&pods[ci], child, pods[ci].app_pid, t, "/usr/bin/curl"),
+                    Some(&(ci, child)) => {
+                        exec(&pods[ci], child, pods[ci].app_pid, t, "/usr/bin/curl")
+                    }
                     None => exec(p, p.app_pid, p.shim_pid, t, APP_EXE),
                 },
                 _ => match live.pop() {
@@ -621,7 +636,11 @@ fn main() {
             rates.push(records.len() as f64 / t.elapsed().as_secs_f64());
             findings = f;
         }
-        report("full_attributor", records.len(), &stats(&mut rates, findings));
+        report(
+            "full_attributor",
+            records.len(),
+            &stats(&mut rates, findings),
+        );
     }
 
     // the finding path: every event an unexpected reader (a shell)
@@ -649,13 +668,12 @@ fn main() {
             let mut f = 0usize;
             for r in &recs {
                 let ev = decode(r).unwrap();
-                f += black_box(s.correlator.on_event(
-                    &ev,
-                    &mut lk,
-                    &declared,
-                    Some(&mut s.learner),
-                ))
-                .len();
+                f +=
+                    black_box(
+                        s.correlator
+                            .on_event(&ev, &mut lk, &declared, Some(&mut s.learner)),
+                    )
+                    .len();
             }
             rates.push(recs.len() as f64 / t.elapsed().as_secs_f64());
             findings = f;

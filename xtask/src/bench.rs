@@ -608,7 +608,13 @@ pub fn bench(args: BenchArgs) -> Result<ExitCode> {
     }
     if args.correlate.correlate_only {
         let out = args.out.as_deref();
-        return crate::bench_correlate::standalone(&args.correlate, &bin, out, args.no_write, args.scale);
+        return crate::bench_correlate::standalone(
+            &args.correlate,
+            &bin,
+            out,
+            args.no_write,
+            args.scale,
+        );
     }
 
     // Files on tmpfs, so (a) and (b) differ only in being a credential.
@@ -937,7 +943,14 @@ computed as the median over rounds of (this configuration / `none` in the same r
     );
 
     let out = args.out.as_deref();
-    crate::bench_correlate::append(&args.correlate, &env.detector, out, args.no_write, args.scale, &mut md);
+    crate::bench_correlate::append(
+        &args.correlate,
+        &env.detector,
+        out,
+        args.no_write,
+        args.scale,
+        &mut md,
+    );
 
     if !args.no_write {
         let out = args

@@ -171,7 +171,9 @@ pub fn worker(a: WorkerArgs) -> Result<ExitCode> {
                 }
                 // A pseudo-random gap of 2-12 ms, so the reads fall at
                 // every phase of the daemon's 10 ms poll tick.
-                gap = gap.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                gap = gap
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 sleep(Duration::from_micros(2_000 + (gap >> 33) % 10_000));
             }
             println!("lat_ns={}", out.trim_end());
@@ -333,7 +335,10 @@ impl Proc {
         }
         let _ = child.kill();
         let _ = child.wait();
-        format!("no exit within {}s of signal {sig}; killed", timeout.as_secs())
+        format!(
+            "no exit within {}s of signal {sig}; killed",
+            timeout.as_secs()
+        )
     }
 }
 
@@ -452,7 +457,10 @@ fn http_get(port: u16, path: &str) -> Result<(u16, String)> {
     let mut s =
         TcpStream::connect_timeout(&(Ipv4Addr::LOCALHOST, port).into(), Duration::from_secs(2))?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")?;
+    write!(
+        s,
+        "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )?;
     let mut buf = String::new();
     s.read_to_string(&mut buf)?;
     let code = buf
@@ -495,7 +503,10 @@ fn start_daemon(bin: &Path, args: &[String], log: &Path, timeout: Duration) -> R
     let mut proc = Proc::spawn(cmd, "detector")?;
     loop {
         if let Some(st) = proc.exited() {
-            bail!("detector exited before /readyz ({st}); log tail:\n{}", tail(log, 30));
+            bail!(
+                "detector exited before /readyz ({st}); log tail:\n{}",
+                tail(log, 30)
+            );
         }
         if let Ok((200, _)) = http_get(port, "/readyz") {
             break;
@@ -528,7 +539,10 @@ impl Daemon {
     fn stop(mut self) -> String {
         let how = self.proc.stop(libc::SIGTERM, Duration::from_secs(30));
         if !how.contains("exit status: 0") {
-            eprintln!("bench: detector stop: {how}; log tail:\n{}", tail(&self.log, 20));
+            eprintln!(
+                "bench: detector stop: {how}; log tail:\n{}",
+                tail(&self.log, 20)
+            );
         }
         how
     }
@@ -604,7 +618,11 @@ fn throughput(a: &Args, scale: f64) -> Result<Throughput> {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     if !out.status.success() {
-        bail!("{command} failed ({}):\n{}", out.status, tail_str(&stderr, 30));
+        bail!(
+            "{command} failed ({}):\n{}",
+            out.status,
+            tail_str(&stderr, 30)
+        );
     }
     let config = stderr
         .lines()
@@ -624,7 +642,10 @@ fn throughput(a: &Args, scale: f64) -> Result<Throughput> {
         })
         .collect::<Vec<_>>();
     for (n, kv) in &rows {
-        println!("bench: correlate {n}: {} events/s (median)", kv.get("median_eps").map(String::as_str).unwrap_or("?"));
+        println!(
+            "bench: correlate {n}: {} events/s (median)",
+            kv.get("median_eps").map(String::as_str).unwrap_or("?")
+        );
     }
     Ok(Throughput {
         config,
@@ -710,11 +731,12 @@ fn connect_case(
     n: u64,
 ) -> Result<()> {
     let mut c = worker_cmd("connect")?;
-    c.arg("--cgroup")
-        .arg(&cg.0)
-        .arg("--file")
-        .arg(cred)
-        .args(["--addr", &addr.to_string(), "--n", &n.to_string()]);
+    c.arg("--cgroup").arg(&cg.0).arg("--file").arg(cred).args([
+        "--addr",
+        &addr.to_string(),
+        "--n",
+        &n.to_string(),
+    ]);
     if hold {
         c.arg("--hold");
     }
@@ -762,7 +784,15 @@ fn latency(a: &Args, bin: &Path, scale: f64) -> Result<Latency> {
             for pass in 0..2 {
                 let with_detector = (pass == 0) == det_first;
                 if !with_detector {
-                    connect_case(&mut lat, "none: connect (process in the test cgroup, opened the credential)", &cg, &cred, denied, true, iters)?;
+                    connect_case(
+                        &mut lat,
+                        "none: connect (process in the test cgroup, opened the credential)",
+                        &cg,
+                        &cred,
+                        denied,
+                        true,
+                        iters,
+                    )?;
                     continue;
                 }
                 let alerts = dir.join(format!("alerts-{round}.jsonl"));
@@ -779,7 +809,12 @@ fn latency(a: &Args, bin: &Path, scale: f64) -> Result<Latency> {
                     "--aggregate-window".into(),
                     "0s".into(),
                 ];
-                let d = start_daemon(bin, &args, &dir.join(format!("detector-lat-{round}.log")), Duration::from_secs(180))?;
+                let d = start_daemon(
+                    bin,
+                    &args,
+                    &dir.join(format!("detector-lat-{round}.log")),
+                    Duration::from_secs(180),
+                )?;
                 // The kernel must enforce before we measure: a holder's
                 // connect to the denied port fails with EPERM.
                 let t0 = Instant::now();
@@ -816,21 +851,41 @@ fn latency(a: &Args, bin: &Path, scale: f64) -> Result<Latency> {
                 lat.read_timeouts += t;
                 if enforced {
                     connect_case(&mut lat, "detector: holder connect to a destination outside the intent (denied, EPERM)", &cg, &cred, denied, true, iters)?;
-                    connect_case(&mut lat, "detector: non-holder connect, same cgroup and destination (allowed)", &cg, &cred, denied, false, iters)?;
-                    connect_case(&mut lat, "detector: holder connect to the intent's allowed destination (allowed)", &cg, &cred, allowed, true, iters)?;
+                    connect_case(
+                        &mut lat,
+                        "detector: non-holder connect, same cgroup and destination (allowed)",
+                        &cg,
+                        &cred,
+                        denied,
+                        false,
+                        iters,
+                    )?;
+                    connect_case(
+                        &mut lat,
+                        "detector: holder connect to the intent's allowed destination (allowed)",
+                        &cg,
+                        &cred,
+                        allowed,
+                        true,
+                        iters,
+                    )?;
                 }
                 let m = d.metrics();
                 if round + 1 == rounds || lat.histogram.is_empty() {
                     lat.histogram = m
                         .lines()
-                        .filter_map(|l| l.strip_prefix("detector_processing_latency_seconds_bucket{le=\""))
+                        .filter_map(|l| {
+                            l.strip_prefix("detector_processing_latency_seconds_bucket{le=\"")
+                        })
                         .filter_map(|l| {
                             let (le, rest) = l.split_once('"')?;
                             Some((le.to_string(), rest.rsplit(' ').next()?.parse().ok()?))
                         })
                         .collect();
-                    lat.hist_sum = metric(&m, "detector_processing_latency_seconds_sum").unwrap_or(f64::NAN);
-                    lat.hist_count = metric(&m, "detector_processing_latency_seconds_count").unwrap_or(f64::NAN);
+                    lat.hist_sum =
+                        metric(&m, "detector_processing_latency_seconds_sum").unwrap_or(f64::NAN);
+                    lat.hist_count =
+                        metric(&m, "detector_processing_latency_seconds_count").unwrap_or(f64::NAN);
                 }
                 let lost = metric(&m, "detector_events_lost_total").unwrap_or(0.0);
                 let ready = d.ready_after.as_secs_f64();
@@ -850,7 +905,6 @@ fn latency(a: &Args, bin: &Path, scale: f64) -> Result<Latency> {
     }
     Ok(lat)
 }
-
 
 // ---- 3. memory ------------------------------------------------------------------
 
@@ -877,7 +931,13 @@ fn status_kb(pid: u32, key: &str) -> u64 {
         .unwrap_or_default()
         .lines()
         .find_map(|l| l.strip_prefix(key))
-        .and_then(|r| r.trim_start_matches(':').split_whitespace().next()?.parse::<u64>().ok())
+        .and_then(|r| {
+            r.trim_start_matches(':')
+                .split_whitespace()
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
         .unwrap_or(0)
         * 1024
 }
@@ -940,7 +1000,10 @@ fn make_pods(kubelet: &Path, n: usize) -> Result<Vec<PathBuf>> {
             .join(format!("kube-api-access-{:05x}", i % 0xfffff));
         let ts = "..2026_11_23_10_00_00.123456789";
         std::fs::create_dir_all(vol.join(ts))?;
-        std::fs::write(vol.join(ts).join("token"), format!("bench-placeholder-not-a-real-token-{i}\n"))?;
+        std::fs::write(
+            vol.join(ts).join("token"),
+            format!("bench-placeholder-not-a-real-token-{i}\n"),
+        )?;
         std::fs::write(vol.join(ts).join("ca.crt"), "bench placeholder\n")?;
         std::fs::write(vol.join(ts).join("namespace"), "bench\n")?;
         symlink(ts, vol.join("..data"))?;
@@ -967,7 +1030,12 @@ fn memory_point(bin: &Path, n: usize) -> Result<MemPoint> {
         "--alerts".into(),
         "/dev/null".into(),
     ];
-    let d = start_daemon(bin, &args, &dir.join("detector.log"), Duration::from_secs(300))?;
+    let d = start_daemon(
+        bin,
+        &args,
+        &dir.join("detector.log"),
+        Duration::from_secs(300),
+    )?;
     let pid = d.proc.pid();
     // Inventory loaded (ready); let it settle.
     let t0 = Instant::now();
@@ -997,7 +1065,11 @@ fn memory_point(bin: &Path, n: usize) -> Result<MemPoint> {
         c.arg("--cgroup").arg(&cg.0).arg("--list").arg(&list);
         c.stdin(Stdio::piped()).stdout(Stdio::piped());
         let mut p = Proc::spawn(c, "holders")?;
-        let out = p.child.as_mut().and_then(|c| c.stdout.take()).context("holder stdout")?;
+        let out = p
+            .child
+            .as_mut()
+            .and_then(|c| c.stdout.take())
+            .context("holder stdout")?;
         // Bounded: the worker prints one line after forking (or dies).
         let mut line = String::new();
         let reader = std::thread::spawn(move || {
@@ -1132,12 +1204,22 @@ fn memory_svg(points: &[MemPoint]) -> String {
         top + h + 36.0
     );
     for (name, color, get) in [
-        ("VmRSS", "#d95f02", (|p: &MemPoint| p.rss) as fn(&MemPoint) -> u64),
+        (
+            "VmRSS",
+            "#d95f02",
+            (|p: &MemPoint| p.rss) as fn(&MemPoint) -> u64,
+        ),
         ("BPF maps memlock", "#1b9e77", |p: &MemPoint| p.maps_memlock),
     ] {
         let pts: Vec<String> = points
             .iter()
-            .map(|p| format!("{:.1},{:.1}", x(p.pods as f64), y(get(p) as f64 / 1048576.0)))
+            .map(|p| {
+                format!(
+                    "{:.1},{:.1}",
+                    x(p.pods as f64),
+                    y(get(p) as f64 / 1048576.0)
+                )
+            })
             .collect();
         let _ = writeln!(
             s,
@@ -1155,7 +1237,10 @@ fn memory_svg(points: &[MemPoint]) -> String {
                 y(v) - 5.0
             );
         }
-        let last = points.last().map(|p| get(p) as f64 / 1048576.0).unwrap_or(0.0);
+        let last = points
+            .last()
+            .map(|p| get(p) as f64 / 1048576.0)
+            .unwrap_or(0.0);
         let _ = writeln!(
             s,
             r#"<text x="{}" y="{:.1}" fill="{color}">{name}</text>"#,
@@ -1262,13 +1347,15 @@ fn render(a: &Args, bin: &Path, scale: f64, svg_name: &str) -> (String, Option<S
                  |---|---:|---:|---:|---:|",
                 t.command, t.config
             );
-            let label = |n: &str| match n {
+            let label = |n: &str| {
+                match n {
                 "decode" => "`events::decode` only (raw `#[repr(C)]` records)",
                 "correlate" => "`Correlator::on_event` only (decoded events; map lookup of CRI-enriched workloads)",
                 "full" => "**decode + on_event** (map lookup) — the realistic mix",
                 "full_attributor" => "decode + on_event with the daemon's `Attributor` + `CredentialTable` as lookup, no declared intents (learner judges)",
                 "findings" => "decode + on_event, every event an unexpected reader (finding path)",
                 _ => "?",
+            }
             };
             for (n, kv) in &t.rows {
                 let g = |k: &str| kv.get(k).cloned().unwrap_or_else(|| "?".into());
@@ -1421,7 +1508,12 @@ fn render(a: &Args, bin: &Path, scale: f64, svg_name: &str) -> (String, Option<S
             let short: Vec<String> = mem
                 .iter()
                 .filter(|p| p.credentials < p.pods as f64 || p.holders < p.held as f64)
-                .map(|p| format!("{} pods: {} credentials / {} holders tracked", p.pods, p.credentials, p.holders))
+                .map(|p| {
+                    format!(
+                        "{} pods: {} credentials / {} holders tracked",
+                        p.pods, p.credentials, p.holders
+                    )
+                })
                 .collect();
             let tracked = short.is_empty();
             let _ = writeln!(
@@ -1468,8 +1560,15 @@ fn render(a: &Args, bin: &Path, scale: f64, svg_name: &str) -> (String, Option<S
                 big.pods,
                 big.maps.join("\n")
             );
-            let lost: Vec<String> = mem.iter().map(|p| format!("{}: {}", p.pods, p.lost)).collect();
-            let _ = writeln!(md, "Kernel events lost during the memory runs (pods: count): {}.\n", lost.join(", "));
+            let lost: Vec<String> = mem
+                .iter()
+                .map(|p| format!("{}: {}", p.pods, p.lost))
+                .collect();
+            let _ = writeln!(
+                md,
+                "Kernel events lost during the memory runs (pods: count): {}.\n",
+                lost.join(", ")
+            );
         }
         svg = Some(memory_svg(&mem));
     }
@@ -1523,7 +1622,14 @@ fn svg_path(report: &Path) -> PathBuf {
 
 /// Called by `bench` before it writes the report: appends our section (or
 /// the previous one when skipped) to `md`, and writes the memory chart.
-pub fn append(a: &Args, bin: &Path, out: Option<&Path>, no_write: bool, scale: f64, md: &mut String) {
+pub fn append(
+    a: &Args,
+    bin: &Path,
+    out: Option<&Path>,
+    no_write: bool,
+    scale: f64,
+    md: &mut String,
+) {
     let report = report_path(out);
     let section = if a.skip_correlate {
         previous_section(&std::fs::read_to_string(&report).unwrap_or_default()).unwrap_or_default()
@@ -1550,7 +1656,13 @@ pub fn append(a: &Args, bin: &Path, out: Option<&Path>, no_write: bool, scale: f
 
 /// `cargo xtask bench --correlate-only`: run our part and replace its
 /// section of the existing report.
-pub fn standalone(a: &Args, bin: &Path, out: Option<&Path>, no_write: bool, scale: f64) -> Result<ExitCode> {
+pub fn standalone(
+    a: &Args,
+    bin: &Path,
+    out: Option<&Path>,
+    no_write: bool,
+    scale: f64,
+) -> Result<ExitCode> {
     let report = report_path(out);
     let existing = std::fs::read_to_string(&report).unwrap_or_default();
     let mut md = strip_section(&existing);
