@@ -177,8 +177,10 @@ mod tests {
 
     #[test]
     fn allowed_destination_checks_port() {
-        let mut p = AllowPorts::default();
-        p.count = 2;
+        let mut p = AllowPorts {
+            count: 2,
+            ..AllowPorts::default()
+        };
         p.ports[0] = 443;
         p.ports[1] = 8200;
         let ok = DecisionInput {

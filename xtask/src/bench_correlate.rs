@@ -980,7 +980,7 @@ fn maps_memlock(pid: u32) -> (u64, Vec<String>) {
     }
     let total = seen.values().map(|(m, _)| m).sum();
     let mut lines: Vec<(u64, String)> = seen.into_values().collect();
-    lines.sort_by(|a, b| b.0.cmp(&a.0));
+    lines.sort_by_key(|l| std::cmp::Reverse(l.0));
     (total, lines.into_iter().map(|(_, l)| l).collect())
 }
 
