@@ -24,11 +24,7 @@ impl AggKey {
     pub fn of(f: &Finding) -> Self {
         AggKey {
             kind: f.kind.as_str(),
-            action: match f.action {
-                crate::finding::Action::Alerted => "alerted",
-                crate::finding::Action::Blocked => "blocked",
-                crate::finding::Action::Killed => "killed",
-            },
+            action: f.action.as_str(),
             cgroup_id: f.workload.cgroup_id,
             exe: f
                 .process

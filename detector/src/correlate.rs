@@ -166,11 +166,7 @@ impl Correlator {
                     .as_ref()
                     .map(|d| format!("{}:{}/{}", d.ip, d.port, d.protocol))
                     .unwrap_or_default(),
-                match action {
-                    Action::Alerted => "alerted",
-                    Action::Blocked => "blocked",
-                    Action::Killed => "killed",
-                },
+                action.as_str(),
             ),
             FindingKind::ForeignCredential => format!(
                 "{who} in {place} obtained credential {} owned by pod {}",

@@ -1,10 +1,9 @@
 //! The credentials the kernel watches: stable ids for file identities, their
 //! descriptions, and the sync of both into the kernel's `CREDENTIALS` map.
 
-use std::{collections::HashMap, os::unix::fs::MetadataExt, path::Path};
+use std::collections::HashMap;
 
-use anyhow::{Context, Result};
-use detector_common::{kernel_dev_from_user, CredentialInfo, CredentialKey};
+use detector_common::{CredentialInfo, CredentialKey};
 
 use crate::finding::Credential;
 
@@ -22,16 +21,6 @@ pub struct CredentialTable {
     by_key: HashMap<CredentialKey, Watched>,
     by_id: HashMap<u32, CredentialKey>,
     next_id: u32,
-}
-
-/// The kernel key for a file, from `stat` (following symlinks, as an open would).
-pub fn key_of(path: &Path) -> Result<CredentialKey> {
-    let md = std::fs::metadata(path).with_context(|| format!("stat {}", path.display()))?;
-    anyhow::ensure!(md.is_file(), "{} is not a regular file", path.display());
-    Ok(CredentialKey {
-        dev: kernel_dev_from_user(md.dev()),
-        ino: md.ino(),
-    })
 }
 
 impl CredentialTable {

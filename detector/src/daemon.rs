@@ -250,11 +250,7 @@ impl Pipeline {
     }
 
     fn emit(&self, f: &Finding) {
-        let action = match f.action {
-            Action::Alerted => "alerted",
-            Action::Blocked => "blocked",
-            Action::Killed => "killed",
-        };
+        let action = f.action.as_str();
         let ns = f.workload.namespace.as_deref().unwrap_or("");
         self.metrics
             .findings

@@ -59,6 +59,16 @@ pub enum Action {
     Killed,
 }
 
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Alerted => "alerted",
+            Self::Blocked => "blocked",
+            Self::Killed => "killed",
+        }
+    }
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Workload {
     #[serde(skip_serializing_if = "Option::is_none")]
