@@ -135,7 +135,9 @@ pub struct CredentialAccessEvent {
     pub _pad0: u16,
     /// The file descriptor number returned to the process.
     pub fd: i32,
-    pub _pad1: u32,
+    /// Earlier opens of the same credential by the same process that the
+    /// kernel aggregated into this report (see `ProgramConfig::cred_dedup_ns`).
+    pub repeats: u32,
     pub comm: [u8; COMM_LEN],
 }
 
@@ -172,7 +174,9 @@ pub struct ExitEvent {
     pub header: EventHeader,
     /// Credential id the process held, 0 if none.
     pub holder_credential: u32,
-    pub _pad: u32,
+    /// Opens of `holder_credential` aggregated after its last report and
+    /// never reported (the kernel's aggregation window was still open).
+    pub unreported_reads: u32,
 }
 
 /// Address family values used in [`ConnectEvent::family`].

@@ -146,6 +146,49 @@ pub struct ProgramConfig {
     /// Ring-buffer bytes pending above which a low-priority event forces a
     /// wake-up of the reader (below it, the reader polls on a timer).
     pub wakeup_bytes: u64,
+    /// In-kernel aggregation of credential reads: the same process re-opening
+    /// the same credential within this long is counted, not reported; the
+    /// count rides on its next report (`repeats`) or its exit event. 0 = off.
+    pub cred_dedup_ns: u64,
+    /// Per-cgroup event budget: at most `budget_bulk` ordinary and
+    /// `budget_urgent` security-relevant events per window and CPU; the rest
+    /// is dropped and counted against the cgroup (coverage degraded), so one
+    /// flooding pod cannot crowd out another's events. 0 = unlimited.
+    pub budget_window_ns: u64,
+    pub budget_bulk: u32,
+    pub budget_urgent: u32,
+}
+
+/// Value of the per-cgroup, per-CPU event budget (key: cgroup id).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CgroupBudget {
+    pub window_start_ns: u64,
+    pub bulk_used: u32,
+    pub urgent_used: u32,
+    /// Events of this cgroup not delivered (over budget or ring buffer full).
+    pub dropped: u64,
+    /// ... of which security-relevant (credential reads, holders' connects).
+    pub dropped_urgent: u64,
+}
+
+/// Key of the credential-read aggregation LRU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CredSeenKey {
+    pub tgid: u32,
+    pub credential_id: u32,
+}
+
+/// Value of the credential-read aggregation LRU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CredSeen {
+    /// When this (process, credential) was last reported.
+    pub last_report_ns: u64,
+    /// Opens since then that were counted but not reported.
+    pub suppressed: u32,
+    pub _pad: u32,
 }
 
 /// Key of the connect de-duplication LRU.
@@ -162,6 +205,10 @@ pub struct ConnectSeenKey {
 /// Map names, shared so the loader and the programs cannot drift apart.
 pub mod names {
     pub const EVENTS: &str = "EVENTS";
+    /// Second ring for security-relevant events, so bulk floods cannot starve them.
+    pub const ALERTS: &str = "ALERTS";
+    pub const BUDGET: &str = "BUDGET";
+    pub const CRED_SEEN: &str = "CRED_SEEN";
     pub const CREDENTIALS: &str = "CREDENTIALS";
     pub const HOLDERS: &str = "HOLDERS";
     pub const CGROUP_POLICY: &str = "CGROUP_POLICY";
@@ -199,4 +246,7 @@ mod pod {
     unsafe impl aya::Pod for KernelOffsets {}
     unsafe impl aya::Pod for ProgramConfig {}
     unsafe impl aya::Pod for ConnectSeenKey {}
+    unsafe impl aya::Pod for CgroupBudget {}
+    unsafe impl aya::Pod for CredSeenKey {}
+    unsafe impl aya::Pod for CredSeen {}
 }

@@ -23,16 +23,16 @@ use aya_ebpf::{
         bpf_send_signal,
     },
     macros::{cgroup_sock_addr, map, raw_tracepoint, tracepoint},
-    maps::{lpm_trie::Key, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
+    maps::{lpm_trie::Key, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf},
     programs::{RawTracePointContext, SockAddrContext, TracePointContext},
     EbpfContext,
 };
 use detector_common::{
-    decide, v4_mapped, AccessRoute, AllowKey4, AllowKey6, AllowPorts, CgroupEvent, CgroupPolicy,
-    ConnectEvent, ConnectSeenKey, CredentialAccessEvent, CredentialInfo, CredentialKey,
-    DecisionInput, DenyRule, EgressHook, EventHeader, EventKind, ExecEvent, ExitEvent, ForkEvent,
-    Holder, KernelOffsets, PolicyAction, ProgramConfig, Verdict, AF_INET, AF_INET6, COMM_LEN,
-    EVENT_KINDS, FILENAME_LEN,
+    decide, v4_mapped, AccessRoute, AllowKey4, AllowKey6, AllowPorts, CgroupBudget, CgroupEvent,
+    CgroupPolicy, ConnectEvent, ConnectSeenKey, CredSeen, CredSeenKey, CredentialAccessEvent,
+    CredentialInfo, CredentialKey, DecisionInput, DenyRule, EgressHook, EventHeader, EventKind,
+    ExecEvent, ExitEvent, ForkEvent, Holder, KernelOffsets, PolicyAction, ProgramConfig, Verdict,
+    AF_INET, AF_INET6, COMM_LEN, EVENT_KINDS, FILENAME_LEN,
 };
 
 // ---- configuration written by userspace before load -------------------------
@@ -55,8 +55,19 @@ fn config() -> ProgramConfig {
 
 // ---- maps -------------------------------------------------------------------
 
+/// Ordinary events: exec, fork, exit, cgroups, non-holders' connects.
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(8 << 20, 0);
+/// Security-relevant events: credential reads, holders' and denied connects,
+/// holders' execs. A flood of ordinary events cannot crowd them out.
+#[map]
+static ALERTS: RingBuf = RingBuf::with_byte_size(2 << 20, 0);
+/// Per-cgroup, per-CPU event budget and drop counts (see `admit`).
+#[map]
+static BUDGET: LruPerCpuHashMap<u64, CgroupBudget> = LruPerCpuHashMap::with_max_entries(16384, 0);
+/// Credential-read aggregation: (tgid, credential) -> last report.
+#[map]
+static CRED_SEEN: LruHashMap<CredSeenKey, CredSeen> = LruHashMap::with_max_entries(65536, 0);
 #[map]
 static CREDENTIALS: HashMap<CredentialKey, CredentialInfo> =
     HashMap::with_max_entries(65536, BPF_F_NO_PREALLOC);
@@ -96,17 +107,97 @@ fn bump(map: &PerCpuArray<u64>, kind: EventKind) {
     }
 }
 
-/// Wake-up flags: important events wake the reader at once; bulk events let
-/// it poll on its timer unless the ring is filling up.
+/// Wake-up flags for the ordinary ring: the reader polls on its timer unless
+/// the ring is filling up. (The ALERTS ring always wakes it: flags 0.)
 #[inline(always)]
-fn submit_flags(urgent: bool) -> u64 {
-    if urgent {
-        return 0;
-    }
+fn submit_flags() -> u64 {
     if EVENTS.query(BPF_RB_AVAIL_DATA as u64) > config().wakeup_bytes {
         BPF_RB_FORCE_WAKEUP as u64
     } else {
         BPF_RB_NO_WAKEUP as u64
+    }
+}
+
+/// The ring an event goes to.
+#[inline(always)]
+fn ring(urgent: bool) -> &'static RingBuf {
+    if urgent {
+        &ALERTS
+    } else {
+        &EVENTS
+    }
+}
+
+#[inline(always)]
+fn submit_flags_for(urgent: bool) -> u64 {
+    if urgent {
+        0
+    } else {
+        submit_flags()
+    }
+}
+
+/// Per-cgroup budget: may this cgroup emit one more event in the current
+/// window (on this CPU)? Over budget, the event is counted against the cgroup
+/// instead, so userspace reports its coverage as degraded. Kernel-side state
+/// (holders, verdicts, kills) is updated whether or not the event is admitted.
+#[inline(always)]
+fn admit(cgroup_id: u64, urgent: bool) -> bool {
+    let cfg = config();
+    if cfg.budget_window_ns == 0 {
+        return true;
+    }
+    let limit = if urgent {
+        cfg.budget_urgent
+    } else {
+        cfg.budget_bulk
+    };
+    let now = unsafe { bpf_ktime_get_boot_ns() };
+    let Some(b) = BUDGET.get_ptr_mut(&cgroup_id) else {
+        let fresh = CgroupBudget {
+            window_start_ns: now,
+            bulk_used: (!urgent) as u32,
+            urgent_used: urgent as u32,
+            dropped: 0,
+            dropped_urgent: 0,
+        };
+        let _ = BUDGET.insert(&cgroup_id, &fresh, 0);
+        return true;
+    };
+    // Per-CPU value: no other CPU writes it, plain updates are exact.
+    let b = unsafe { &mut *b };
+    if now.wrapping_sub(b.window_start_ns) >= cfg.budget_window_ns {
+        b.window_start_ns = now;
+        b.bulk_used = 0;
+        b.urgent_used = 0;
+    }
+    let used = if urgent {
+        &mut b.urgent_used
+    } else {
+        &mut b.bulk_used
+    };
+    if limit != 0 && *used >= limit {
+        b.dropped += 1;
+        if urgent {
+            b.dropped_urgent += 1;
+        }
+        return false;
+    }
+    *used += 1;
+    true
+}
+
+/// An admitted event found the ring full: count it per kind and against the
+/// cgroup, like an over-budget one.
+#[inline(always)]
+fn lost(kind: EventKind, cgroup_id: u64, urgent: bool) {
+    bump(&LOST, kind);
+    if let Some(b) = BUDGET.get_ptr_mut(&cgroup_id) {
+        let b = unsafe { &mut *b };
+        b.dropped += 1;
+        if urgent {
+            b.dropped_urgent += 1;
+        }
     }
 }
 
@@ -239,8 +330,41 @@ fn on_fd_returned(ctx: &TracePointContext, route: AccessRoute) -> u32 {
         let _ = HOLDERS.insert(&hdr.tgid, &holder, 0);
         taint_parent(&off, &hdr, &holder);
     }
-    let Some(mut entry) = EVENTS.reserve::<CredentialAccessEvent>(0) else {
-        bump(&LOST, EventKind::CredentialAccess);
+    // Aggregate re-opens by the same process (client-go's periodic re-read,
+    // or a flood) into one report per window; the count stays exact.
+    let mut repeats = 0;
+    let window = config().cred_dedup_ns;
+    if window != 0 {
+        let key = CredSeenKey {
+            tgid: hdr.tgid,
+            credential_id: info.id,
+        };
+        match CRED_SEEN.get_ptr_mut(&key) {
+            Some(seen) => {
+                let seen = unsafe { &mut *seen };
+                if hdr.time_ns.wrapping_sub(seen.last_report_ns) < window {
+                    seen.suppressed += 1;
+                    return 0;
+                }
+                repeats = seen.suppressed;
+                seen.suppressed = 0;
+                seen.last_report_ns = hdr.time_ns;
+            }
+            None => {
+                let seen = CredSeen {
+                    last_report_ns: hdr.time_ns,
+                    suppressed: 0,
+                    _pad: 0,
+                };
+                let _ = CRED_SEEN.insert(&key, &seen, 0);
+            }
+        }
+    }
+    if !admit(hdr.cgroup_id, true) {
+        return 0;
+    }
+    let Some(mut entry) = ALERTS.reserve::<CredentialAccessEvent>(0) else {
+        lost(EventKind::CredentialAccess, hdr.cgroup_id, true);
         return 0;
     };
     let uid_gid = bpf_get_current_uid_gid();
@@ -256,12 +380,10 @@ fn on_fd_returned(ctx: &TracePointContext, route: AccessRoute) -> u32 {
         route: route as u16,
         _pad0: 0,
         fd: ret as i32,
-        _pad1: 0,
+        repeats,
         comm: comm(),
     });
-    // Not urgent: enforcement is already in the kernel maps; the reader's
-    // 10 ms poll picks it up without a wake-up per read.
-    entry.submit(submit_flags(false));
+    entry.submit(0);
     bump(&EMITTED, EventKind::CredentialAccess);
     0
 }
@@ -326,20 +448,23 @@ pub fn sched_process_fork(ctx: RawTracePointContext) -> i32 {
         inherited = h.credential_id;
         let _ = HOLDERS.insert(&child_tgid, &h, 0);
     }
-    let Some(mut entry) = EVENTS.reserve::<ForkEvent>(0) else {
-        bump(&LOST, EventKind::Fork);
-        return 0;
-    };
     let mut hdr = header(EventKind::Fork);
     hdr.pid = child_pid;
     hdr.tgid = child_tgid;
+    if !admit(hdr.cgroup_id, false) {
+        return 0;
+    }
+    let Some(mut entry) = EVENTS.reserve::<ForkEvent>(0) else {
+        lost(EventKind::Fork, hdr.cgroup_id, false);
+        return 0;
+    };
     entry.write(ForkEvent {
         header: hdr,
         parent_tgid,
         inherited_credential: inherited,
         comm: comm(),
     });
-    entry.submit(submit_flags(false));
+    entry.submit(submit_flags());
     bump(&EMITTED, EventKind::Fork);
     0
 }
@@ -356,8 +481,12 @@ pub fn sched_process_exec(ctx: TracePointContext) -> u32 {
         .map(|h| h.credential_id)
         .unwrap_or(0);
     let loc: u32 = unsafe { ctx.read_at(8) }.unwrap_or(0);
-    let Some(mut entry) = EVENTS.reserve::<ExecEvent>(0) else {
-        bump(&LOST, EventKind::Exec);
+    let urgent = holder != 0;
+    if !admit(hdr.cgroup_id, urgent) {
+        return 0;
+    }
+    let Some(mut entry) = ring(urgent).reserve::<ExecEvent>(0) else {
+        lost(EventKind::Exec, hdr.cgroup_id, urgent);
         return 0;
     };
     let ev = entry.as_mut_ptr();
@@ -379,7 +508,7 @@ pub fn sched_process_exec(ctx: TracePointContext) -> u32 {
         };
         addr_of_mut!((*ev).filename_len).write(len);
     }
-    entry.submit(submit_flags(holder != 0));
+    entry.submit(submit_flags_for(urgent));
     bump(&EMITTED, EventKind::Exec);
     0
 }
@@ -397,21 +526,35 @@ pub fn sched_process_exit(_ctx: RawTracePointContext) -> i32 {
     let holder = unsafe { HOLDERS.get(&hdr.tgid) }
         .map(|h| h.credential_id)
         .unwrap_or(0);
+    let mut unreported = 0;
     if holder != 0 {
         let _ = HOLDERS.remove(&hdr.tgid);
+        // Reads still inside the aggregation window leave with the process.
+        let key = CredSeenKey {
+            tgid: hdr.tgid,
+            credential_id: holder,
+        };
+        if let Some(seen) = unsafe { CRED_SEEN.get(&key) } {
+            unreported = seen.suppressed;
+            let _ = CRED_SEEN.remove(&key);
+        }
     }
     // A deny rule names a process, not a pid number that will be reused.
     let _ = DENY_TGID.remove(&hdr.tgid);
-    let Some(mut entry) = EVENTS.reserve::<ExitEvent>(0) else {
-        bump(&LOST, EventKind::Exit);
+    let urgent = unreported != 0;
+    if !admit(hdr.cgroup_id, urgent) {
+        return 0;
+    }
+    let Some(mut entry) = ring(urgent).reserve::<ExitEvent>(0) else {
+        lost(EventKind::Exit, hdr.cgroup_id, urgent);
         return 0;
     };
     entry.write(ExitEvent {
         header: hdr,
         holder_credential: holder,
-        _pad: 0,
+        unreported_reads: unreported,
     });
-    entry.submit(submit_flags(false));
+    entry.submit(submit_flags_for(urgent));
     bump(&EMITTED, EventKind::Exit);
     0
 }
@@ -426,13 +569,17 @@ fn on_cgroup(ctx: &TracePointContext, kind: EventKind) -> u32 {
     if root != 0 {
         return 0; // cgroup-v1 hierarchies: ids there are not what events carry
     }
+    let hdr = header(kind);
+    if !admit(hdr.cgroup_id, false) {
+        return 0;
+    }
     let Some(mut entry) = EVENTS.reserve::<CgroupEvent>(0) else {
-        bump(&LOST, kind);
+        lost(kind, hdr.cgroup_id, false);
         return 0;
     };
     let ev = entry.as_mut_ptr();
     unsafe {
-        addr_of_mut!((*ev).header).write(header(kind));
+        addr_of_mut!((*ev).header).write(hdr);
         addr_of_mut!((*ev).id).write(ctx.read_at::<u64>(16).unwrap_or(0));
         addr_of_mut!((*ev).root).write(root);
         addr_of_mut!((*ev).level).write(ctx.read_at::<i32>(12).unwrap_or(0));
@@ -449,7 +596,7 @@ fn on_cgroup(ctx: &TracePointContext, kind: EventKind) -> u32 {
         };
         addr_of_mut!((*ev).path_len).write(len);
     }
-    entry.submit(submit_flags(false));
+    entry.submit(submit_flags());
     bump(&EMITTED, kind);
     0
 }
@@ -611,7 +758,10 @@ fn on_egress(ctx: &SockAddrContext, hook: EgressHook) -> i32 {
     if verdict == Verdict::Killed {
         unsafe { bpf_send_signal(SIGKILL) };
     }
-    match EVENTS.reserve::<ConnectEvent>(0) {
+    if !admit(cgroup_id, notable) {
+        return allow_or_deny(verdict);
+    }
+    match ring(notable).reserve::<ConnectEvent>(0) {
         Some(mut entry) => {
             let mut hdr = header(EventKind::Connect);
             hdr.cgroup_id = cgroup_id;
@@ -627,11 +777,16 @@ fn on_egress(ctx: &SockAddrContext, hook: EgressHook) -> i32 {
                 addr,
                 comm: comm(),
             });
-            entry.submit(submit_flags(notable));
+            entry.submit(submit_flags_for(notable));
             bump(&EMITTED, EventKind::Connect);
         }
-        None => bump(&LOST, EventKind::Connect),
+        None => lost(EventKind::Connect, cgroup_id, notable),
     }
+    allow_or_deny(verdict)
+}
+
+#[inline(always)]
+fn allow_or_deny(verdict: Verdict) -> i32 {
     match verdict {
         Verdict::Denied | Verdict::Killed => 0,
         _ => 1,

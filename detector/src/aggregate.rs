@@ -71,7 +71,9 @@ impl Aggregator {
         let key = AggKey::of(&f);
         match self.open.get_mut(&key) {
             Some(w) if now_ns.saturating_sub(w.opened_ns) < self.window_ns => {
-                w.suppressed += 1;
+                // A finding may already stand for several occurrences (the
+                // kernel aggregates re-reads): add them all.
+                w.suppressed += f.count.max(1);
                 w.latest = Some(f);
                 None
             }
@@ -81,7 +83,7 @@ impl Aggregator {
                     // than grow without bound: every finding goes out as is.
                     return Some(f);
                 }
-                f.count = 1;
+                f.count = f.count.max(1);
                 self.open.insert(
                     key,
                     Window {

@@ -135,6 +135,22 @@ pub struct RunArgs {
     /// many milliseconds; 0 reports every connect. Holders are always reported.
     #[arg(long)]
     pub connect_dedup_ms: Option<u64>,
+    /// Aggregate in the kernel a process's repeated opens of the same
+    /// credential within this many milliseconds into one report (counts stay
+    /// exact); 0 reports every open [default: 1000].
+    #[arg(long)]
+    pub credential_dedup_ms: Option<u64>,
+    /// Per-cgroup kernel event budget, ordinary events per second and CPU
+    /// (execs, forks, exits, connects of non-holders); beyond it events are
+    /// dropped, counted and the workload reported as `coverage_degraded`.
+    /// 0 = unlimited [default: 20000].
+    #[arg(long)]
+    pub cgroup_event_budget: Option<u32>,
+    /// The same for security-relevant events (credential reads, holders'
+    /// and denied connects), which have their own budget and ring buffer so
+    /// an ordinary flood cannot crowd them out [default: 2000].
+    #[arg(long)]
+    pub cgroup_alert_budget: Option<u32>,
     /// Workloads with no declared intent: learn their readers and
     /// destinations for this long after first seeing them, then report
     /// deviations [default: 10m]. `0s` judges at once (everything is new).
@@ -180,6 +196,9 @@ pub struct ConfigFile {
     pub deny_cgroup: Vec<PathBuf>,
     pub debug_events: Option<String>,
     pub connect_dedup_ms: Option<u64>,
+    pub credential_dedup_ms: Option<u64>,
+    pub cgroup_event_budget: Option<u32>,
+    pub cgroup_alert_budget: Option<u32>,
     pub log_format: Option<LogFormat>,
     #[serde(default, with = "humantime_serde")]
     pub learn_window: Option<Duration>,
@@ -209,6 +228,9 @@ pub struct RunSettings {
     pub deny_cgroup: Vec<PathBuf>,
     pub debug_events: Option<String>,
     pub connect_dedup_ms: u64,
+    pub credential_dedup_ms: u64,
+    pub cgroup_event_budget: u32,
+    pub cgroup_alert_budget: u32,
     pub sinks: crate::sinks::SinksConfig,
     pub learn_window: Duration,
     pub learn_output: Option<PathBuf>,
@@ -280,6 +302,18 @@ impl RunArgs {
                 .connect_dedup_ms
                 .or(file.connect_dedup_ms)
                 .unwrap_or(1000),
+            credential_dedup_ms: self
+                .credential_dedup_ms
+                .or(file.credential_dedup_ms)
+                .unwrap_or(1000),
+            cgroup_event_budget: self
+                .cgroup_event_budget
+                .or(file.cgroup_event_budget)
+                .unwrap_or(20_000),
+            cgroup_alert_budget: self
+                .cgroup_alert_budget
+                .or(file.cgroup_alert_budget)
+                .unwrap_or(2_000),
             sinks,
             learn_window: self
                 .learn_window

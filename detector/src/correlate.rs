@@ -443,6 +443,7 @@ mod tests {
             fd: 3,
             readable: true,
             writable: false,
+            repeats: 0,
         })
     }
 

@@ -26,10 +26,11 @@ use crate::{
     btf::Btf,
     cli::{KillScope, Mode, RunSettings},
     correlate::{Correlator, Lookup, WorkloadCtx},
+    coverage::Coverage,
     credentials::{kernel_value, CredentialTable},
     enforce::Enforcer,
     events::{decode, Event},
-    finding::{Action, Credential, Finding, Workload},
+    finding::{Action, Credential, Finding, FindingKind, Workload},
     inventory::{spawn_watcher, InventoryConfig, InventoryUpdate},
     learn::Learner,
     loader::{find_cgroup2_root, SensorConfig, Sensors},
@@ -126,6 +127,8 @@ struct Pipeline {
     debug_out: Option<Box<dyn Write + Send>>,
     credentials: CredentialTable,
     lost_seen: Vec<u64>,
+    coverage: Coverage,
+    batch: Batch,
     correlator: Correlator,
     learner: Learner,
     declared: Arc<IntentSet>,
@@ -156,11 +159,20 @@ impl Pipeline {
                 .processing_latency
                 .observe((now_ns - t) as f64 / 1e9);
         }
-        if let Event::CredentialAccess(a) = &event {
+        // Opens the kernel aggregated count too: every read is counted once.
+        let reads = match &event {
+            Event::CredentialAccess(a) => 1 + u64::from(a.repeats),
+            Event::Exit(x) => u64::from(x.unreported_reads),
+            _ => 0,
+        };
+        if reads > 0 {
             // Labelled by the reader's namespace (bounded); "" off-pod.
-            let w = workload_of(&mut self.attribution, a.common.cgroup_id);
+            let w = workload_of(&mut self.attribution, event.common().cgroup_id);
             let ns = w.workload.namespace.as_deref().unwrap_or("");
-            self.metrics.credential_reads.with_label_values(&[ns]).inc();
+            self.metrics
+                .credential_reads
+                .with_label_values(&[ns])
+                .inc_by(reads);
         }
         if let Some(out) = self.debug_out.as_mut() {
             if let Err(e) = serde_json::to_writer(&mut *out, &event)
@@ -197,6 +209,15 @@ impl Pipeline {
             Some(&mut self.learner),
         );
         for mut f in findings {
+            if let Event::CredentialAccess(a) = &event {
+                if matches!(
+                    f.kind,
+                    FindingKind::UnexpectedReader | FindingKind::ForeignCredential
+                ) {
+                    // The report stands for the opens the kernel folded into it.
+                    f.count = 1 + u64::from(a.repeats);
+                }
+            }
             if f.action == Action::Killed && self.kill_scope == KillScope::Container {
                 self.kill_container(&mut f);
             }
@@ -296,6 +317,7 @@ impl Pipeline {
             }
             self.lost_seen[i] = total;
         }
+        self.report_coverage(sensors);
         self.metrics.credentials.set(self.credentials.len() as i64);
         // Holders per workload namespace ("" = host), from the kernel's map.
         let mut per_ns: std::collections::HashMap<String, i64> = Default::default();
@@ -338,6 +360,35 @@ impl Pipeline {
 }
 
 impl Pipeline {
+    /// Workloads whose events the kernel dropped (budget, full ring): a
+    /// `coverage_degraded` finding each, and the counts in the metrics.
+    fn report_coverage(&mut self, sensors: &Sensors) {
+        let now = boottime_ns();
+        for loss in self.coverage.poll(&sensors.maps.budget) {
+            let w = workload_of(&mut self.attribution, loss.cgroup_id);
+            let ns = w.workload.namespace.clone().unwrap_or_default();
+            self.metrics
+                .events_dropped
+                .with_label_values(&[&ns])
+                .inc_by(loss.dropped);
+            warn!(
+                cgroup_id = loss.cgroup_id,
+                cgroup = w.workload.cgroup_path.as_deref().unwrap_or("?"),
+                dropped = loss.dropped,
+                security_relevant = loss.dropped_urgent,
+                "kernel events of a workload dropped: coverage degraded"
+            );
+            let f = crate::coverage::finding(
+                &loss,
+                w.workload,
+                rfc3339_ms(now as i128 + self.wall_offset_ns),
+            );
+            if let Some(f) = self.aggregator.offer(f, now) {
+                self.emit(&f);
+            }
+        }
+    }
+
     /// Keep the kernel's credential map equal to the inventory.
     fn apply_inventory(&mut self, sensors: &mut Sensors, update: InventoryUpdate) -> bool {
         match update {
@@ -388,12 +439,15 @@ pub async fn run(settings: RunSettings) -> Result<()> {
         .and_then(|b| b.kernel_offsets())
         .context("reading kernel struct offsets from /sys/kernel/btf/vmlinux (the kernel needs CONFIG_DEBUG_INFO_BTF)")?;
     debug!(?offsets, "kernel offsets");
-    let (mut sensors, events) = Sensors::load(
+    let (mut sensors, rings) = Sensors::load(
         offsets,
         &SensorConfig {
             cgroup_root: cgroup_root.clone(),
             enforce: settings.mode == Mode::Enforce,
             connect_dedup_ns: settings.connect_dedup_ms.saturating_mul(1_000_000),
+            cred_dedup_ns: settings.credential_dedup_ms.saturating_mul(1_000_000),
+            cgroup_event_budget: settings.cgroup_event_budget,
+            cgroup_alert_budget: settings.cgroup_alert_budget,
         },
     )?;
     metrics.probes_attached.set(sensors.attached.len() as i64);
@@ -445,6 +499,8 @@ pub async fn run(settings: RunSettings) -> Result<()> {
         debug_out,
         credentials: CredentialTable::default(),
         lost_seen: Vec::new(),
+        coverage: Coverage::default(),
+        batch: Batch::default(),
         correlator,
         learner: Learner::new(settings.learn_window.as_nanos() as u64),
         declared: Arc::new(IntentSet::new(Vec::new())),
@@ -485,21 +541,30 @@ pub async fn run(settings: RunSettings) -> Result<()> {
 
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
-    // SAFETY: the AsyncFd owns the ring buffer and with it the fd, so the fd
+    // SAFETY: each AsyncFd owns its ring buffer and with it the fd, so the fd
     // stays open for as long as it is registered.
-    let mut ring = unsafe { AsyncFd::register(events) }.context("polling the ring buffer")?;
+    let mut alerts =
+        unsafe { AsyncFd::register(rings.alerts) }.context("polling the alerts ring buffer")?;
+    let mut ring =
+        unsafe { AsyncFd::register(rings.events) }.context("polling the events ring buffer")?;
     // Bulk events do not wake us (see submit_flags in the kernel): poll too.
     let mut poll = tokio::time::interval(Duration::from_millis(10));
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut stats = tokio::time::interval(Duration::from_secs(2));
     loop {
         tokio::select! {
-            guard = ring.readable_mut() => {
+            biased;
+            guard = alerts.readable_mut() => {
                 let mut guard = guard?;
-                drain(guard.get_inner_mut(), &mut pipeline, &mut sensors);
+                drain(guard.get_inner_mut(), ring.get_mut(), &mut pipeline, &mut sensors);
                 guard.clear_ready();
             }
-            _ = poll.tick() => drain(ring.get_mut(), &mut pipeline, &mut sensors),
+            guard = ring.readable_mut() => {
+                let mut guard = guard?;
+                drain(alerts.get_mut(), guard.get_inner_mut(), &mut pipeline, &mut sensors);
+                guard.clear_ready();
+            }
+            _ = poll.tick() => drain(alerts.get_mut(), ring.get_mut(), &mut pipeline, &mut sensors),
             Some(update) = inventory.recv() => {
                 if pipeline.apply_inventory(&mut sensors, update) && !readiness.inventory.swap(true, Ordering::AcqRel) {
                     info!(credentials = pipeline.credentials.len(), "inventory loaded; ready");
@@ -534,8 +599,14 @@ pub async fn run(settings: RunSettings) -> Result<()> {
             _ = sigint.recv() => { info!("SIGINT: detaching"); break; }
         }
     }
-    drain(ring.get_mut(), &mut pipeline, &mut sensors);
+    drain(
+        alerts.get_mut(),
+        ring.get_mut(),
+        &mut pipeline,
+        &mut sensors,
+    );
     readiness.probes.store(false, Ordering::Release);
+    drop(alerts);
     drop(ring);
     drop(sensors);
     info!("all kernel programs detached");
@@ -581,21 +652,73 @@ async fn changed<T>(rx: Option<&mut tokio::sync::watch::Receiver<T>>) -> Option<
     }
 }
 
+/// Takes what both rings hold and handles it in kernel time order: a
+/// credential read (alerts ring) must be judged after the exec that started
+/// its reader (events ring), whichever ring was read first.
 fn drain(
-    ring: &mut aya::maps::RingBuf<aya::maps::MapData>,
+    alerts: &mut aya::maps::RingBuf<aya::maps::MapData>,
+    events: &mut aya::maps::RingBuf<aya::maps::MapData>,
     pipeline: &mut Pipeline,
     sensors: &mut Sensors,
 ) {
     let now = boottime_ns();
-    let mut n = 0;
-    while let Some(item) = ring.next() {
-        pipeline.handle_record(sensors, &item, now);
-        n += 1;
-        if n >= 65536 {
-            break; // let the other branches run; the poll tick resumes
+    let mut batch = std::mem::take(&mut pipeline.batch);
+    batch.clear();
+    for ring in [alerts, events] {
+        let mut n = 0;
+        while let Some(item) = ring.next() {
+            batch.push(&item);
+            n += 1;
+            if n >= 65536 {
+                break; // let the other branches run; the poll tick resumes
+            }
         }
     }
-    if n > 0 {
-        pipeline.flush();
+    if batch.is_empty() {
+        pipeline.batch = batch;
+        return;
+    }
+    batch.sort_by_time();
+    for record in batch.records() {
+        pipeline.handle_record(sensors, record, now);
+    }
+    pipeline.flush();
+    pipeline.batch = batch;
+}
+
+/// Records copied out of the rings (one buffer, reused), ordered by time.
+#[derive(Default)]
+struct Batch {
+    bytes: Vec<u8>,
+    /// (kernel time, start, len) into `bytes`.
+    index: Vec<(u64, usize, usize)>,
+}
+
+impl Batch {
+    fn clear(&mut self) {
+        self.bytes.clear();
+        self.index.clear();
+    }
+
+    fn is_empty(&self) -> bool {
+        self.index.is_empty()
+    }
+
+    fn push(&mut self, record: &[u8]) {
+        let start = self.bytes.len();
+        self.bytes.extend_from_slice(record);
+        self.index
+            .push((crate::events::record_time(record), start, record.len()));
+    }
+
+    /// Stable: records of one ring with equal times keep their order.
+    fn sort_by_time(&mut self) {
+        self.index.sort_by_key(|&(t, _, _)| t);
+    }
+
+    fn records(&self) -> impl Iterator<Item = &[u8]> {
+        self.index
+            .iter()
+            .map(|&(_, start, len)| &self.bytes[start..start + len])
     }
 }

@@ -57,6 +57,9 @@ pub struct CredentialAccess {
     pub fd: i32,
     pub readable: bool,
     pub writable: bool,
+    /// Earlier opens by the same process that the kernel aggregated into this
+    /// report; the opens it stands for are `1 + repeats`.
+    pub repeats: u32,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -85,6 +88,8 @@ pub struct Exit {
     #[serde(flatten)]
     pub common: Common,
     pub holder_credential: u32,
+    /// Opens of `holder_credential` aggregated but never reported before exit.
+    pub unreported_reads: u32,
 }
 
 /// A cgroup-v2 directory was created or removed.
@@ -200,6 +205,17 @@ fn common(h: &EventHeader) -> Common {
 }
 
 /// Decode one ring-buffer record.
+/// The kernel time of a raw record (0 if too short to have one), for
+/// ordering records from the two rings before decoding them.
+pub fn record_time(bytes: &[u8]) -> u64 {
+    let off = std::mem::offset_of!(EventHeader, time_ns);
+    bytes
+        .get(off..off + 8)
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_ne_bytes)
+        .unwrap_or(0)
+}
+
 pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
     let hlen = std::mem::size_of::<EventHeader>();
     if bytes.len() < hlen {
@@ -227,6 +243,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
                 fd: e.fd,
                 readable: e.f_mode & 1 != 0,
                 writable: e.f_mode & 2 != 0,
+                repeats: e.repeats,
             })
         }
         EventKind::Exec => {
@@ -255,6 +272,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
             Event::Exit(Exit {
                 common: common(&e.header),
                 holder_credential: e.holder_credential,
+                unreported_reads: e.unreported_reads,
             })
         }
         EventKind::CgroupMkdir | EventKind::CgroupRmdir => {

@@ -14,6 +14,7 @@ pub mod attribution;
 pub mod btf;
 pub mod cli;
 pub mod correlate;
+pub mod coverage;
 pub mod credentials;
 pub mod daemon;
 pub mod enforce;

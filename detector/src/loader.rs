@@ -8,13 +8,13 @@ use std::{fs::File, path::Path};
 
 use anyhow::{anyhow, Context, Result};
 use aya::{
-    maps::{HashMap, LpmTrie, MapData, PerCpuArray, RingBuf},
+    maps::{HashMap, LpmTrie, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{CgroupAttachMode, CgroupSockAddr, RawTracePoint, TracePoint},
     Ebpf, EbpfLoader,
 };
 use detector_common::{
-    names, AllowKey4, AllowKey6, AllowPorts, CgroupPolicy, CredentialInfo, CredentialKey, DenyRule,
-    EventKind, Holder, KernelOffsets, ProgramConfig,
+    names, AllowKey4, AllowKey6, AllowPorts, CgroupBudget, CgroupPolicy, CredentialInfo,
+    CredentialKey, DenyRule, EventKind, Holder, KernelOffsets, ProgramConfig,
 };
 use tracing::{info, warn};
 
@@ -44,6 +44,28 @@ pub struct SensorConfig {
     pub cgroup_root: std::path::PathBuf,
     pub enforce: bool,
     pub connect_dedup_ns: u64,
+    pub cred_dedup_ns: u64,
+    /// Per cgroup and CPU, per second; 0 = unlimited.
+    pub cgroup_event_budget: u32,
+    pub cgroup_alert_budget: u32,
+}
+
+/// The kernel counts budgets per window of this length.
+const BUDGET_WINDOW_NS: u64 = 100_000_000;
+
+/// A per-second budget as a per-window limit (0 stays "unlimited").
+fn per_window(per_second: u32) -> u32 {
+    if per_second == 0 {
+        return 0;
+    }
+    let windows = (1_000_000_000 / BUDGET_WINDOW_NS) as u32;
+    (per_second / windows).max(1)
+}
+
+/// The two event rings: security-relevant events first.
+pub struct Rings {
+    pub alerts: RingBuf<MapData>,
+    pub events: RingBuf<MapData>,
 }
 
 /// Maps userspace reads and writes.
@@ -57,6 +79,8 @@ pub struct KernelMaps {
     pub deny_tgid: HashMap<MapData, u32, DenyRule>,
     pub lost: PerCpuArray<MapData, u64>,
     pub emitted: PerCpuArray<MapData, u64>,
+    /// Per-cgroup event budgets and drop counts (coverage).
+    pub budget: PerCpuHashMap<MapData, u64, CgroupBudget>,
 }
 
 impl KernelMaps {
@@ -151,7 +175,7 @@ fn tracepoint_exists(category: &str, name: &str) -> bool {
 
 impl Sensors {
     /// Loads and attaches everything; returns the sensors and their event ring.
-    pub fn load(offsets: KernelOffsets, cfg: &SensorConfig) -> Result<(Sensors, RingBuf<MapData>)> {
+    pub fn load(offsets: KernelOffsets, cfg: &SensorConfig) -> Result<(Sensors, Rings)> {
         raise_memlock();
         ensure_tracefs();
         let program_config = ProgramConfig {
@@ -159,6 +183,14 @@ impl Sensors {
             enforce: cfg.enforce as u32,
             connect_dedup_ns: cfg.connect_dedup_ns,
             wakeup_bytes: 256 * 1024,
+            cred_dedup_ns: cfg.cred_dedup_ns,
+            budget_window_ns: if cfg.cgroup_event_budget == 0 && cfg.cgroup_alert_budget == 0 {
+                0
+            } else {
+                BUDGET_WINDOW_NS
+            },
+            budget_bulk: per_window(cfg.cgroup_event_budget),
+            budget_urgent: per_window(cfg.cgroup_alert_budget),
         };
         let mut ebpf = EbpfLoader::new()
             .override_global(names::OFFSETS, &offsets, true)
@@ -220,7 +252,10 @@ impl Sensors {
             attached.push(format!("cgroup/{name}"));
         }
 
-        let events = take(&mut ebpf, names::EVENTS)?;
+        let rings = Rings {
+            alerts: take(&mut ebpf, names::ALERTS)?,
+            events: take(&mut ebpf, names::EVENTS)?,
+        };
         let maps = KernelMaps {
             credentials: take(&mut ebpf, names::CREDENTIALS)?,
             holders: take(&mut ebpf, names::HOLDERS)?,
@@ -231,6 +266,7 @@ impl Sensors {
             deny_tgid: take(&mut ebpf, names::DENY_TGID)?,
             lost: take(&mut ebpf, names::LOST)?,
             emitted: take(&mut ebpf, names::EMITTED)?,
+            budget: take(&mut ebpf, names::BUDGET)?,
         };
         Ok((
             Sensors {
@@ -238,7 +274,7 @@ impl Sensors {
                 maps,
                 attached,
             },
-            events,
+            rings,
         ))
     }
 }

@@ -36,6 +36,7 @@ pub struct Metrics {
     pub processing_latency: Histogram,
     pub map_entries: IntGaugeVec,
     pub workload_holders: IntGaugeVec,
+    pub events_dropped: IntCounterVec,
 }
 
 impl Metrics {
@@ -102,6 +103,12 @@ impl Metrics {
             &["namespace"],
         )?;
         registry.register(Box::new(workload_holders.clone()))?;
+        let events_dropped = counter_vec(
+            "detector_events_dropped_total",
+            "Kernel events not delivered, attributed to the workload they came from \
+             (over its per-cgroup budget or ring buffer full), by namespace (\"\" = host).",
+            &["namespace"],
+        )?;
         // Every series of a closed label set exists from the start, so
         // `increase()` and absence-based alerts work before the first event.
         for kind in detector_common::EventKind::ALL {
@@ -131,6 +138,7 @@ impl Metrics {
             processing_latency,
             map_entries,
             workload_holders,
+            events_dropped,
             registry,
         }))
     }

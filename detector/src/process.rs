@@ -281,11 +281,13 @@ mod tests {
         t.observe(&Event::Exit(Exit {
             common: c(12, 6),
             holder_credential: 1,
+            unreported_reads: 0,
         }));
         assert!(t.get(12).is_some(), "kept after exit for late events");
         t.observe(&Event::Exit(Exit {
             common: c(11, 6 + EXITED_RETENTION_NS + 1),
             holder_credential: 1,
+            unreported_reads: 0,
         }));
         assert!(t.get(12).is_none(), "expired after retention");
     }

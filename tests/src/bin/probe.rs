@@ -4,7 +4,8 @@
 //!
 //! probe open-abs PATH | open-rel PATH | open-syscall PATH | creat PATH |
 //!       openat2 PATH | by-handle PATH | pidfd-getfd PATH | read PATH |
-//!       connect IP PORT | udp IP PORT | hold-fork PATH | sleep-then-connect MS IP PORT
+//!       connect IP PORT | udp IP PORT | hold-fork PATH | sleep-then-connect MS IP PORT |
+//!       open-loop PATH N | connect-flood PATH|- N | read-connect PATH IP PORT
 //! Exit status 0 on success; on a failed syscall it prints `errno=N` and exits 3.
 
 use std::{
@@ -197,6 +198,46 @@ fn main() {
         }
         "sleep-then-connect" => {
             std::thread::sleep(Duration::from_millis(a(1).parse().unwrap()));
+            connect(&a(2), &a(3));
+        }
+        "open-loop" => {
+            // N opens+closes of one file by one process (bounded).
+            let n: u64 = a(2).parse().unwrap();
+            let path = c(&a(1));
+            for _ in 0..n {
+                let fd = check(unsafe { libc::open(path.as_ptr(), libc::O_RDONLY) } as i64);
+                unsafe { libc::close(fd as i32) };
+            }
+            println!("opened={n}");
+        }
+        "connect-flood" => {
+            // Optionally become a holder, then N connects, each to a distinct
+            // loopback address with no listener (refused at once), so no
+            // de-duplication applies. Bounded by N.
+            if a(1) != "-" {
+                hold(check(
+                    unsafe { libc::open(c(&a(1)).as_ptr(), libc::O_RDONLY) } as i64,
+                ));
+            }
+            let n: u32 = a(2).parse().unwrap();
+            println!("started");
+            std::io::stdout().flush().unwrap();
+            for i in 0..n {
+                let ip = std::net::Ipv4Addr::new(127, 77, (i >> 8) as u8, i as u8);
+                let port = 20000 + (i % 1000) as u16;
+                let _ = TcpStream::connect_timeout(
+                    &SocketAddr::new(IpAddr::V4(ip), port),
+                    Duration::from_millis(100),
+                );
+            }
+            println!("done={n}");
+        }
+        "read-connect" => {
+            // The attack: obtain the credential, then use it elsewhere.
+            let _ = std::fs::read(a(1)).map_err(|e| {
+                println!("errno={}", e.raw_os_error().unwrap_or(0));
+                std::process::exit(3)
+            });
             connect(&a(2), &a(3));
         }
         other => panic!("unknown probe command {other}"),
