@@ -42,6 +42,12 @@ pub enum Command {
     /// Observe for a while and write the intents that would keep what was
     /// seen quiet (WorkloadIntent YAML), e.g. to review and apply.
     Learn(LearnArgs),
+    /// Detach and remove everything `run --pin-dir` left pinned (uninstall).
+    Unpin {
+        /// The directory given to `run --pin-dir`.
+        #[arg(long, default_value = "/sys/fs/bpf/detector")]
+        pin_dir: PathBuf,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -151,6 +157,13 @@ pub struct RunArgs {
     /// an ordinary flood cannot crowd them out [default: 2000].
     #[arg(long)]
     pub cgroup_alert_budget: Option<u32>,
+    /// Pin the kernel programs and state maps in this bpffs directory (e.g.
+    /// /sys/fs/bpf/detector): enforcement and holder tracking then stay in
+    /// force while the daemon is down or restarting, and what happens
+    /// meanwhile is reported after the restart. Without it, everything is
+    /// detached when the daemon exits. `detector unpin` removes the pins.
+    #[arg(long)]
+    pub pin_dir: Option<PathBuf>,
     /// Workloads with no declared intent: learn their readers and
     /// destinations for this long after first seeing them, then report
     /// deviations [default: 10m]. `0s` judges at once (everything is new).
@@ -199,6 +212,7 @@ pub struct ConfigFile {
     pub credential_dedup_ms: Option<u64>,
     pub cgroup_event_budget: Option<u32>,
     pub cgroup_alert_budget: Option<u32>,
+    pub pin_dir: Option<PathBuf>,
     pub log_format: Option<LogFormat>,
     #[serde(default, with = "humantime_serde")]
     pub learn_window: Option<Duration>,
@@ -231,6 +245,7 @@ pub struct RunSettings {
     pub credential_dedup_ms: u64,
     pub cgroup_event_budget: u32,
     pub cgroup_alert_budget: u32,
+    pub pin_dir: Option<PathBuf>,
     pub sinks: crate::sinks::SinksConfig,
     pub learn_window: Duration,
     pub learn_output: Option<PathBuf>,
@@ -314,6 +329,7 @@ impl RunArgs {
                 .cgroup_alert_budget
                 .or(file.cgroup_alert_budget)
                 .unwrap_or(2_000),
+            pin_dir: self.pin_dir.or(file.pin_dir),
             sinks,
             learn_window: self
                 .learn_window

@@ -1,7 +1,7 @@
 //! The credentials the kernel watches: stable ids for file identities, their
 //! descriptions, and the sync of both into the kernel's `CREDENTIALS` map.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use detector_common::{CredentialInfo, CredentialKey};
 
@@ -21,6 +21,10 @@ pub struct CredentialTable {
     by_key: HashMap<CredentialKey, Watched>,
     by_id: HashMap<u32, CredentialKey>,
     next_id: u32,
+    /// Ids a previous daemon gave (pinned kernel map, after a restart): kept
+    /// for the same files, because holders in the kernel refer to them.
+    adopted: HashMap<CredentialKey, u32>,
+    reserved: HashSet<u32>,
 }
 
 impl CredentialTable {
@@ -29,15 +33,26 @@ impl CredentialTable {
     pub fn upsert(&mut self, key: CredentialKey, meta: Credential) -> (&Watched, bool) {
         let mut new = false;
         if !self.by_key.contains_key(&key) {
-            self.next_id = self.next_id.wrapping_add(1).max(1);
-            while self.by_id.contains_key(&self.next_id) {
-                self.next_id = self.next_id.wrapping_add(1).max(1);
-            }
-            self.by_id.insert(self.next_id, key);
+            let id = match self.adopted.remove(&key) {
+                Some(id) => {
+                    self.reserved.remove(&id);
+                    id
+                }
+                None => {
+                    self.next_id = self.next_id.wrapping_add(1).max(1);
+                    while self.by_id.contains_key(&self.next_id)
+                        || self.reserved.contains(&self.next_id)
+                    {
+                        self.next_id = self.next_id.wrapping_add(1).max(1);
+                    }
+                    self.next_id
+                }
+            };
+            self.by_id.insert(id, key);
             self.by_key.insert(
                 key,
                 Watched {
-                    id: self.next_id,
+                    id,
                     key,
                     meta: meta.clone(),
                 },
@@ -47,6 +62,22 @@ impl CredentialTable {
         let w = self.by_key.get_mut(&key).expect("just inserted");
         w.meta = meta;
         (w, new)
+    }
+
+    /// A credential a previous daemon watched under `id`: the same file
+    /// gets the same id again when the inventory reports it.
+    pub fn adopt(&mut self, key: CredentialKey, id: u32) {
+        if id != 0 {
+            self.adopted.insert(key, id);
+            self.reserved.insert(id);
+        }
+    }
+
+    /// Adopted credentials the inventory did not report (gone while we were
+    /// down): the caller removes them from the kernel map.
+    pub fn take_unclaimed(&mut self) -> Vec<CredentialKey> {
+        self.reserved.clear();
+        self.adopted.drain().map(|(k, _)| k).collect()
     }
 
     pub fn remove(&mut self, key: &CredentialKey) -> Option<Watched> {
@@ -80,6 +111,20 @@ pub fn kernel_value(w: &Watched) -> CredentialInfo {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn adopted_ids_are_kept_and_never_reused() {
+        let key = |ino| CredentialKey { dev: 1, ino };
+        let mut t = CredentialTable::default();
+        t.adopt(key(10), 1);
+        t.adopt(key(11), 2);
+        let (w, new) = t.upsert(key(11), meta("/b"));
+        assert_eq!((w.id, new), (2, true), "same file, same id");
+        let (w, _) = t.upsert(key(12), meta("/c"));
+        assert_eq!(w.id, 3, "a fresh id avoids the adopted ones");
+        assert_eq!(t.take_unclaimed(), vec![key(10)]);
+        assert!(t.by_id(1).is_none(), "an unclaimed id names nothing");
+    }
 
     fn meta(path: &str) -> Credential {
         Credential {

@@ -360,6 +360,29 @@ impl Pipeline {
 }
 
 impl Pipeline {
+    /// A restart over pinned maps: continue where the previous daemon left.
+    fn adopt(&mut self, sensors: &Sensors) {
+        let mut credentials = 0;
+        for (key, info) in sensors.maps.credentials.iter().filter_map(Result::ok) {
+            self.credentials.adopt(key, info.id);
+            credentials += 1;
+        }
+        self.enforcer.adopt(&sensors.maps);
+        // Losses the previous daemon already reported are not news.
+        let _ = self.coverage.poll(&sensors.maps.budget);
+        self.lost_seen = sensors
+            .maps
+            .lost_by_kind()
+            .into_iter()
+            .map(|(_, n)| n)
+            .collect();
+        let holders = sensors.maps.holders.keys().count();
+        info!(
+            credentials,
+            holders, "adopted pinned kernel state from the previous daemon"
+        );
+    }
+
     /// Workloads whose events the kernel dropped (budget, full ring): a
     /// `coverage_degraded` finding each, and the counts in the metrics.
     fn report_coverage(&mut self, sensors: &Sensors) {
@@ -418,6 +441,10 @@ impl Pipeline {
                 false
             }
             InventoryUpdate::Synced => {
+                // Credentials a previous daemon watched that are gone now.
+                for key in self.credentials.take_unclaimed() {
+                    let _ = sensors.maps.credentials.remove(&key);
+                }
                 self.metrics.credentials.set(self.credentials.len() as i64);
                 true
             }
@@ -448,6 +475,7 @@ pub async fn run(settings: RunSettings) -> Result<()> {
             cred_dedup_ns: settings.credential_dedup_ms.saturating_mul(1_000_000),
             cgroup_event_budget: settings.cgroup_event_budget,
             cgroup_alert_budget: settings.cgroup_alert_budget,
+            pin_dir: settings.pin_dir.clone(),
         },
     )?;
     metrics.probes_attached.set(sensors.attached.len() as i64);
@@ -463,6 +491,18 @@ pub async fn run(settings: RunSettings) -> Result<()> {
         ..Default::default()
     });
 
+    if sensors.adopted {
+        // Manual deny rules come from this start's flags only.
+        let old: Vec<u64> = sensors
+            .maps
+            .deny_cgroup
+            .keys()
+            .filter_map(Result::ok)
+            .collect();
+        for id in old {
+            let _ = sensors.maps.deny_cgroup.remove(&id);
+        }
+    }
     for dir in &settings.deny_cgroup {
         match std::fs::metadata(dir) {
             Ok(md) if md.is_dir() => {
@@ -514,11 +554,19 @@ pub async fn run(settings: RunSettings) -> Result<()> {
         own_cgroup: own_cgroup_path(),
     };
 
+    if sensors.adopted {
+        pipeline.adopt(&sensors);
+    }
+
     // Intents: loaded now, then hot-reloaded; host destinations re-resolved.
     let mut policy: Option<PolicyWatch> = None;
     let mut dns_changes = None;
     if settings.policy.is_empty() {
         info!("no intents given: learning each workload's readers and destinations (embedded default)");
+        if sensors.adopted {
+            // Drop what a previous daemon enforced from intents we no longer have.
+            pipeline.install_intents(&mut sensors, Arc::new(IntentSet::new(Vec::new())));
+        }
         metrics.policy_reload_success.set(1);
         readiness.intents.store(true, Ordering::Release);
     } else {
@@ -608,8 +656,13 @@ pub async fn run(settings: RunSettings) -> Result<()> {
     readiness.probes.store(false, Ordering::Release);
     drop(alerts);
     drop(ring);
+    let pinned = sensors.adopted || settings.pin_dir.is_some();
     drop(sensors);
-    info!("all kernel programs detached");
+    if pinned {
+        info!("kernel programs stay attached (pinned): enforcement continues until the next start or `detector unpin`");
+    } else {
+        info!("all kernel programs detached");
+    }
     pipeline.flush_aggregates(true);
     if let Some(path) = &settings.learn_output {
         write_learned(&pipeline.learner, path);

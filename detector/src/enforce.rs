@@ -59,6 +59,39 @@ impl Enforcer {
         self.cgroups.len()
     }
 
+    /// After a restart with pinned maps: take over what the previous daemon
+    /// wrote, so the first install replaces it in place (new bank, then the
+    /// old entries removed) and drops what no intent selects any more, with
+    /// no moment without enforcement in between.
+    pub fn adopt(&mut self, maps: &KernelMaps) {
+        let mut bank = None;
+        for (id, p) in maps.cgroup_policy.iter().filter_map(Result::ok) {
+            bank = Some(p.policy_id / BANK_SPAN);
+            self.cgroups.insert(id, p);
+        }
+        self.written4 = maps.allow4.keys().filter_map(Result::ok).collect();
+        self.written6 = maps.allow6.keys().filter_map(Result::ok).collect();
+        let key_bank = |id_be: [u8; 4]| u32::from_be_bytes(id_be) / BANK_SPAN;
+        bank = bank
+            .or_else(|| {
+                self.written4
+                    .first()
+                    .map(|k| key_bank(k.data().policy_id_be))
+            })
+            .or_else(|| {
+                self.written6
+                    .first()
+                    .map(|k| key_bank(k.data().policy_id_be))
+            });
+        // The next install writes the other bank.
+        self.bank = bank.unwrap_or(0) & 1;
+        info!(
+            cgroups = self.cgroups.len(),
+            allow_entries = self.written4.len() + self.written6.len(),
+            "adopted the enforcement maps of the previous daemon"
+        );
+    }
+
     /// Install a new intent set (also after DNS answers changed) and
     /// re-point every known cgroup.
     pub fn apply_set(

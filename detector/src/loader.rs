@@ -1,15 +1,29 @@
 //! Loads the kernel programs, hands them the BTF offsets and the runtime
 //! configuration, attaches them, and owns the maps userspace talks to.
 //!
-//! Every attachment is a bpf_link or perf-event fd owned by this process:
-//! when the daemon exits (cleanly or killed) the kernel detaches everything.
+//! By default every attachment is a bpf_link owned by this process: when the
+//! daemon exits (cleanly or killed) the kernel detaches everything.
+//!
+//! With a pin directory (`--pin-dir`, on bpffs) the links and the state maps
+//! are pinned instead, so enforcement and holder tracking stay in force
+//! while the daemon is down (crash, upgrade), and events that happen
+//! meanwhile wait in the pinned ring buffers. A restart adopts the maps; it
+//! keeps the pinned links when they run the very same programs and
+//! configuration, else it attaches its own and only then detaches the old
+//! ones. `detector unpin` removes everything.
 
-use std::{fs::File, path::Path};
+use std::{
+    fs::File,
+    path::{Path, PathBuf},
+};
 
 use anyhow::{anyhow, Context, Result};
 use aya::{
     maps::{HashMap, LpmTrie, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
-    programs::{CgroupAttachMode, CgroupSockAddr, RawTracePoint, TracePoint},
+    programs::{
+        links::{FdLink, PinnedLink},
+        CgroupAttachMode, CgroupSockAddr, RawTracePoint, TracePoint,
+    },
     Ebpf, EbpfLoader,
 };
 use detector_common::{
@@ -48,6 +62,124 @@ pub struct SensorConfig {
     /// Per cgroup and CPU, per second; 0 = unlimited.
     pub cgroup_event_budget: u32,
     pub cgroup_alert_budget: u32,
+    /// Pin links and state maps here (a bpffs directory); `None`: own them.
+    pub pin_dir: Option<PathBuf>,
+}
+
+/// Maps whose contents must survive a daemon restart when pinning.
+const STATE_MAPS: &[&str] = &[
+    names::EVENTS,
+    names::ALERTS,
+    names::CREDENTIALS,
+    names::HOLDERS,
+    names::CGROUP_POLICY,
+    names::ALLOW4,
+    names::ALLOW6,
+    names::DENY_CGROUP,
+    names::DENY_TGID,
+    names::CONNECT_SEEN,
+    names::CRED_SEEN,
+    names::BUDGET,
+    names::LOST,
+    names::EMITTED,
+];
+
+/// Bump when a state map changes meaning (sizes are hashed in anyway): a
+/// daemon then starts from fresh maps instead of adopting incompatible ones.
+const MAP_LAYOUT_VERSION: u64 = 1;
+
+/// FNV-1a: a stable content hash (std's hasher may change between releases).
+fn fnv(parts: &[&[u8]]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for part in parts {
+        for &b in *part {
+            h ^= b as u64;
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        h ^= 0xff;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+fn bytes_of<T: Copy>(v: &T) -> &[u8] {
+    // SAFETY: plain-old-data `#[repr(C)]` values, read as bytes.
+    unsafe { std::slice::from_raw_parts(v as *const T as *const u8, std::mem::size_of::<T>()) }
+}
+
+/// Where the pinned maps and links of this build live.
+struct PinLayout {
+    maps: PathBuf,
+    links: PathBuf,
+}
+
+impl PinLayout {
+    fn new(root: &Path, config: &ProgramConfig, offsets: &KernelOffsets) -> PinLayout {
+        use std::mem::size_of;
+        let sizes = [
+            size_of::<CredentialKey>(),
+            size_of::<CredentialInfo>(),
+            size_of::<Holder>(),
+            size_of::<CgroupPolicy>(),
+            size_of::<AllowKey4>(),
+            size_of::<AllowKey6>(),
+            size_of::<AllowPorts>(),
+            size_of::<DenyRule>(),
+            size_of::<CgroupBudget>(),
+            size_of::<detector_common::CredSeen>(),
+            size_of::<detector_common::ConnectSeenKey>(),
+        ]
+        .map(|n| n as u64);
+        let maps = fnv(&[&MAP_LAYOUT_VERSION.to_le_bytes(), bytes_of(&sizes)]);
+        let links = fnv(&[OBJECT, bytes_of(config), bytes_of(offsets)]);
+        PinLayout {
+            maps: root.join(format!("maps-{maps:016x}")),
+            links: root.join(format!("links-{links:016x}")),
+        }
+    }
+}
+
+/// Detach and unpin every pinned link and map under `root` except the
+/// directories in `keep`; then remove what is empty.
+fn remove_pins(root: &Path, keep: &[&Path]) {
+    let Ok(dirs) = std::fs::read_dir(root) else {
+        return;
+    };
+    for dir in dirs.flatten().map(|e| e.path()) {
+        if keep.contains(&dir.as_path()) {
+            continue;
+        }
+        let is_links = dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with("links-"));
+        for f in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let path = f.path();
+            if is_links {
+                // Unpinning and dropping the last fd detaches the link.
+                match PinnedLink::from_pin(&path).map(|l| l.unpin()) {
+                    Ok(Ok(_fd_link)) => continue,
+                    Ok(Err(e)) => warn!(path = %path.display(), error = %e, "cannot unpin link"),
+                    Err(e) => warn!(path = %path.display(), error = %e, "not a pinned link"),
+                }
+            }
+            let _ = std::fs::remove_file(&path);
+        }
+        let _ = std::fs::remove_dir(&dir);
+        info!(dir = %dir.display(), "removed pinned programs/maps of another build or configuration");
+    }
+}
+
+/// `detector unpin`: detach everything pinned under `root` and remove it.
+pub fn unpin_all(root: &Path) -> Result<()> {
+    anyhow::ensure!(
+        root.is_dir(),
+        "{} is not a directory (nothing pinned there)",
+        root.display()
+    );
+    remove_pins(root, &[]);
+    std::fs::remove_dir(root).with_context(|| format!("removing {}", root.display()))?;
+    Ok(())
 }
 
 /// The kernel counts budgets per window of this length.
@@ -110,6 +242,9 @@ pub struct Sensors {
     _ebpf: Ebpf,
     pub maps: KernelMaps,
     pub attached: Vec<String>,
+    /// The state maps came from a previous daemon (pinned): their contents
+    /// are live state to adopt, not empty maps.
+    pub adopted: bool,
 }
 
 fn take<T>(ebpf: &mut Ebpf, name: &str) -> Result<T>
@@ -192,11 +327,57 @@ impl Sensors {
             budget_bulk: per_window(cfg.cgroup_event_budget),
             budget_urgent: per_window(cfg.cgroup_alert_budget),
         };
-        let mut ebpf = EbpfLoader::new()
+        let pins = match &cfg.pin_dir {
+            Some(root) => {
+                let layout = PinLayout::new(root, &program_config, &offsets);
+                for d in [&layout.maps, &layout.links] {
+                    std::fs::create_dir_all(d).with_context(|| {
+                        format!("creating pin directory {} (is it on bpffs?)", d.display())
+                    })?;
+                }
+                Some(layout)
+            }
+            None => None,
+        };
+        let adopted = pins
+            .as_ref()
+            .is_some_and(|p| p.maps.join(names::HOLDERS).exists());
+        let mut loader = EbpfLoader::new();
+        loader
             .override_global(names::OFFSETS, &offsets, true)
-            .override_global(names::CONFIG, &program_config, true)
-            .load(OBJECT)
-            .context("loading the eBPF object")?;
+            .override_global(names::CONFIG, &program_config, true);
+        if let Some(p) = &pins {
+            for name in STATE_MAPS {
+                // Opens the pinned map if there is one, else creates and pins it.
+                loader.map_pin_path(name, p.maps.join(name));
+            }
+        }
+        let mut ebpf = loader.load(OBJECT).context("loading the eBPF object")?;
+        let links_dir = pins.as_ref().map(|p| p.links.clone());
+        // A pinned link of this very build and configuration: keep it.
+        let pinned = |name: &str| -> bool {
+            let Some(dir) = &links_dir else {
+                return false;
+            };
+            let path = dir.join(name);
+            path.exists()
+                && match PinnedLink::from_pin(&path) {
+                    Ok(_) => true,
+                    Err(e) => {
+                        warn!(path = %path.display(), error = %e, "stale pin; re-attaching");
+                        let _ = std::fs::remove_file(&path);
+                        false
+                    }
+                }
+        };
+        // Only called with a pin directory (links are taken only then).
+        let pin = |name: &str, link: FdLink| -> Result<()> {
+            if let Some(dir) = &links_dir {
+                link.pin(dir.join(name))
+                    .with_context(|| format!("pinning the link of {name}"))?;
+            }
+            Ok(())
+        };
 
         let mut attached = Vec::new();
         let mut attach_tp = |ebpf: &mut Ebpf, category: &str, name: &str| -> Result<()> {
@@ -209,14 +390,22 @@ impl Sensors {
                 info!(tracepoint = %format!("{category}/{name}"), "not present on this kernel; skipped");
                 return Ok(());
             }
+            attached.push(format!("tracepoint/{category}/{name}"));
+            if pinned(name) {
+                return Ok(());
+            }
             let prog: &mut TracePoint = ebpf
                 .program_mut(name)
                 .ok_or_else(|| anyhow!("program {name} missing"))?
                 .try_into()?;
             prog.load().with_context(|| format!("loading {name}"))?;
-            prog.attach(category, name)
+            let id = prog
+                .attach(category, name)
                 .with_context(|| format!("attaching {category}/{name}"))?;
-            attached.push(format!("tracepoint/{category}/{name}"));
+            if links_dir.is_some() {
+                let link: FdLink = prog.take_link(id)?.try_into()?;
+                pin(name, link)?;
+            }
             Ok(())
         };
         for name in FD_TRACEPOINTS {
@@ -227,29 +416,50 @@ impl Sensors {
         attach_tp(&mut ebpf, "cgroup", "cgroup_rmdir")?;
 
         for name in ["sched_process_fork", "sched_process_exit"] {
+            attached.push(format!("raw_tracepoint/{name}"));
+            if pinned(name) {
+                continue;
+            }
             let prog: &mut RawTracePoint = ebpf
                 .program_mut(name)
                 .ok_or_else(|| anyhow!("program {name} missing"))?
                 .try_into()?;
             prog.load().with_context(|| format!("loading {name}"))?;
-            prog.attach(name)
+            let id = prog
+                .attach(name)
                 .with_context(|| format!("attaching raw_tp/{name}"))?;
-            attached.push(format!("raw_tracepoint/{name}"));
+            if links_dir.is_some() {
+                pin(name, prog.take_link(id)?.into())?;
+            }
         }
 
         let cgroup = File::open(&cfg.cgroup_root)
             .with_context(|| format!("opening cgroup-v2 root {}", cfg.cgroup_root.display()))?;
         for name in ["connect4", "connect6", "sendmsg4", "sendmsg6"] {
+            attached.push(format!("cgroup/{name}"));
+            if pinned(name) {
+                continue;
+            }
             let prog: &mut CgroupSockAddr = ebpf
                 .program_mut(name)
                 .ok_or_else(|| anyhow!("program {name} missing"))?
                 .try_into()?;
             prog.load().with_context(|| format!("loading {name}"))?;
-            prog.attach(&cgroup, cgroup_attach_mode())
+            let id = prog
+                .attach(&cgroup, cgroup_attach_mode())
                 .with_context(|| {
                     format!("attaching cgroup/{name} at {}", cfg.cgroup_root.display())
                 })?;
-            attached.push(format!("cgroup/{name}"));
+            if links_dir.is_some() {
+                let link: FdLink = prog.take_link(id)?.try_into()?;
+                pin(name, link)?;
+            }
+        }
+        // Ours are attached: now detach what other builds or configurations
+        // left pinned (brief overlap, never a gap).
+        if let (Some(root), Some(p)) = (&cfg.pin_dir, &pins) {
+            remove_pins(root, &[&p.maps, &p.links]);
+            info!(dir = %root.display(), adopted, "kernel programs and state maps pinned");
         }
 
         let rings = Rings {
@@ -273,6 +483,7 @@ impl Sensors {
                 _ebpf: ebpf,
                 maps,
                 attached,
+                adopted,
             },
             rings,
         ))

@@ -38,6 +38,12 @@ fn main() -> ExitCode {
             };
         }
         Command::Inventory(args) => detector::inventory::run_cli(&args),
+        Command::Unpin { pin_dir } => detector::loader::unpin_all(&pin_dir).map(|()| {
+            println!(
+                "unpinned and detached everything under {}",
+                pin_dir.display()
+            );
+        }),
         Command::Learn(args) => args.resolve().and_then(|settings| {
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)

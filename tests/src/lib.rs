@@ -184,6 +184,8 @@ pub struct Daemon {
     pub alerts_path: PathBuf,
     pub log_path: PathBuf,
     pub dir: PathBuf,
+    /// The directory belongs to the test (`start_in`): never removed here.
+    keep_dir: bool,
 }
 
 impl Daemon {
@@ -192,12 +194,24 @@ impl Daemon {
     /// logs to `daemon.log`, all in a fresh directory.
     pub fn start(args: &[&str]) -> Result<Daemon> {
         let dir = std::env::temp_dir().join(unique("detector-daemon"));
+        let mut d = Daemon::start_in(&dir, args)?;
+        d.keep_dir = false;
+        Ok(d)
+    }
+
+    /// Like `start`, with its files in `dir` (created if needed, appended to,
+    /// never removed): a restarted daemon writes on where the last one stopped.
+    pub fn start_in(dir: &Path, args: &[&str]) -> Result<Daemon> {
+        let dir = dir.to_path_buf();
         std::fs::create_dir_all(&dir)?;
         let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
         let events_path = dir.join("events.jsonl");
         let alerts_path = dir.join("alerts.jsonl");
         let log_path = dir.join("daemon.log");
-        let log = std::fs::File::create(&log_path)?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)?;
         let mut cmd = Command::new(detector_bin());
         cmd.arg("run")
             .arg("--metrics-addr")
@@ -229,6 +243,7 @@ impl Daemon {
             alerts_path,
             log_path,
             dir,
+            keep_dir: true,
         };
         d.wait_ready(Duration::from_secs(60))?;
         Ok(d)
@@ -320,6 +335,9 @@ impl Daemon {
 impl Drop for Daemon {
     fn drop(&mut self) {
         self.stop();
+        if self.keep_dir {
+            return;
+        }
         if !std::thread::panicking() {
             let _ = std::fs::remove_dir_all(&self.dir);
         } else {

@@ -466,14 +466,18 @@ fn the_app_reading_its_token_periodically_is_quiet() {
         .into_iter()
         .filter(|e| e["event"] == "credential_access" && e["tgid"].as_u64() == Some(pid as u64))
         .collect();
+    // The kernel folds re-reads within its aggregation window into the next
+    // report (`repeats`): count the reads each report stands for. Reads still
+    // in the window when the token rotated are not reported separately.
     let of = |i: u64| {
         reads
             .iter()
             .filter(|e| e["ino"].as_u64() == Some(i))
-            .count()
+            .map(|e| 1 + e["repeats"].as_u64().unwrap_or(0) as usize)
+            .sum::<usize>()
     };
     assert!(
-        of(old_ino) >= rounds / 2,
+        of(old_ino) >= rounds / 2 - 2,
         "the daemon saw {} reads of the token before rotation: {reads:?}",
         of(old_ino)
     );
