@@ -77,6 +77,7 @@ helm.sh/chart: {{ include "detector.chart" . }}
     "learn_window" .Values.config.learnWindow
     "aggregate_window" .Values.config.aggregateWindow
     "connect_dedup_ms" (int .Values.config.connectDedupMs) -}}
+{{- if .Values.bpffs.enabled }}{{ $_ := set $c "pin_dir" (printf "%s/%s" .Values.bpffs.mountPath (include "detector.fullname" .)) }}{{ end -}}
 {{- with .Values.config.credentialFiles }}{{ $_ := set $c "credential_file" . }}{{ end -}}
 {{- with .Values.config.trustedHostReaders }}{{ $_ := set $c "trusted_host_reader" . }}{{ end -}}
 {{- with .Values.config.denyCgroups }}{{ $_ := set $c "deny_cgroup" . }}{{ end -}}
