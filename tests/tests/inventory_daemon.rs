@@ -216,6 +216,15 @@ fn rotation(strict_gap: bool) {
     d.settle();
 
     // No gap: every `cat` open produced an event, on the inode it read.
+    // (On a loaded machine the last events may still be in flight: wait.)
+    let old_reads_seen = |ev: &[Value]| {
+        ev.iter()
+            .filter(|e| e["comm"] == "cat" && e["ino"] == k1.1)
+            .count()
+    };
+    let _ = wait_for(Duration::from_secs(10), || {
+        (old_reads_seen(&accesses(&d, cg)) >= r1).then_some(())
+    });
     let ev = accesses(&d, cg);
     let cats = |ino: u64| {
         ev.iter()
