@@ -14,7 +14,14 @@
 //! 3. `unexpected_destination`: a holder (first-hand or inherited from an
 //!    ancestor) connects outside its intent's destinations.
 
-use std::{collections::BTreeMap, net::IpAddr};
+use std::{
+    collections::{hash_map::Entry, BTreeMap, HashMap},
+    net::IpAddr,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+};
 
 use detector_common::{PolicyAction, Verdict};
 
@@ -24,6 +31,11 @@ use crate::{
     learn::Learner,
     process::{exe_matches, ProcessTable},
 };
+
+/// Hash map for the per-event maps keyed by integers (pid, cgroup id):
+/// foldhash is several times cheaper than SipHash there and still seeded
+/// per process.
+pub type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
 /// What correlation knows about the cgroup an event came from.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -55,6 +67,41 @@ pub trait Judge {
     fn intent_for(&self, w: &WorkloadCtx) -> Option<IntentRef>;
     fn allows_reader(&self, intent: &IntentRef, exe: &str) -> bool;
     fn allows_destination(&self, intent: &IntentRef, ip: IpAddr, port: u16) -> bool;
+    /// While this stays the same (and the workload does not change), the
+    /// answer of `intent_for` may be remembered per cgroup. `None`: ask
+    /// every time.
+    fn generation(&self) -> Option<u64> {
+        None
+    }
+}
+
+/// A fresh, process-wide unique judge generation (see [`Versioned`]).
+pub fn new_generation() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+/// A judge whose intent selection the correlator may cache until
+/// `generation` changes: take a [`new_generation`] whenever the judge's
+/// intents (or anything its selection depends on) change.
+pub struct Versioned<'a> {
+    pub judge: &'a dyn Judge,
+    pub generation: u64,
+}
+
+impl Judge for Versioned<'_> {
+    fn intent_for(&self, w: &WorkloadCtx) -> Option<IntentRef> {
+        self.judge.intent_for(w)
+    }
+    fn allows_reader(&self, intent: &IntentRef, exe: &str) -> bool {
+        self.judge.allows_reader(intent, exe)
+    }
+    fn allows_destination(&self, intent: &IntentRef, ip: IpAddr, port: u16) -> bool {
+        self.judge.allows_destination(intent, ip, port)
+    }
+    fn generation(&self) -> Option<u64> {
+        Some(self.generation)
+    }
 }
 
 /// No declared intents.
@@ -70,14 +117,58 @@ impl Judge for NoIntents {
     fn allows_destination(&self, _: &IntentRef, _: IpAddr, _: u16) -> bool {
         true
     }
+    fn generation(&self) -> Option<u64> {
+        Some(0) // never selects anything
+    }
 }
 
 /// Resolves ids carried by events.
 pub trait Lookup {
     fn workload(&mut self, cgroup_id: u64) -> WorkloadCtx;
-    fn credential(&self, id: u32) -> Option<Credential>;
+    fn credential(&self, id: u32) -> Option<&Credential>;
     /// Wall-clock RFC 3339 time of a boot-time ns stamp.
     fn wall_time(&self, boot_ns: u64) -> String;
+}
+
+/// How long a resolved pod workload without the runtime's names yet is used
+/// before it is resolved again (event time): the names (CRI refreshes at
+/// most once a second) reach findings within this delay.
+pub const WORKLOAD_REFRESH_UNNAMED_NS: u64 = 1_000_000_000;
+/// The same for every other workload (named pods, host cgroups), in case
+/// what the attribution knows changes (as the daemon re-applies intents to
+/// cgroups every 10 s). Cgroup creation and removal invalidate at once.
+pub const WORKLOAD_REFRESH_NS: u64 = 10_000_000_000;
+/// Cached workloads unused for this long are dropped at the next sweep.
+const WORKLOAD_IDLE_NS: u64 = 600_000_000_000;
+
+/// What the correlator remembers about a cgroup between events.
+struct CgroupEntry {
+    ctx: Arc<WorkloadCtx>,
+    resolved_ns: u64,
+    /// Resolve again once the event time passes this.
+    refresh_ns: u64,
+    /// A cgroup the lookup did not know (no path): resolved again at every
+    /// event, as it would have been without the cache.
+    unknown: bool,
+    used_ns: u64,
+    /// (judge generation, its selection for `ctx`).
+    declared: Option<(u64, Option<IntentRef>)>,
+    /// (learner id, profile slot for `ctx`).
+    learned: Option<(u64, Option<usize>)>,
+}
+
+/// Which intent judged an event.
+#[derive(Clone, Copy)]
+enum Source {
+    Declared,
+    Learned(usize),
+}
+
+/// One question put to a workload's intent.
+#[derive(Clone, Copy)]
+enum Question<'a> {
+    Reader(&'a str),
+    Destination(IpAddr, u16),
 }
 
 pub struct Correlator {
@@ -87,6 +178,9 @@ pub struct Correlator {
     pub trusted_host_readers: Vec<String>,
     /// Observe mode: nothing was enforced, whatever the intent says.
     pub observe_only: bool,
+    cgroups: FastMap<u64, CgroupEntry>,
+    /// Sweep idle cgroup entries when the cache reaches this size.
+    sweep_at: usize,
 }
 
 fn severity_of(kind: FindingKind) -> Severity {
@@ -106,18 +200,134 @@ fn action_of(v: Verdict) -> Action {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
+fn finding(
+    lk: &dyn Lookup,
+    time_ns: u64,
+    kind: FindingKind,
+    action: Action,
+    intent: Option<&IntentRef>,
+    w: &WorkloadCtx,
+    process: Process,
+    credential: Option<Credential>,
+    destination: Option<Destination>,
+) -> Finding {
+    let who = process.exe.clone().unwrap_or_else(|| process.comm.clone());
+    let place = match (&w.workload.namespace, &w.workload.pod, &w.workload.pod_uid) {
+        (Some(ns), Some(pod), _) => format!("pod {ns}/{pod}"),
+        (_, _, Some(uid)) => format!("pod {uid}"),
+        _ => format!(
+            "host cgroup {}",
+            w.workload.cgroup_path.as_deref().unwrap_or("?")
+        ),
+    };
+    let message = match kind {
+        FindingKind::UnexpectedReader => format!(
+            "{who} in {place} obtained credential {} not expected by its intent",
+            credential.as_ref().map(|c| c.path.as_str()).unwrap_or("?")
+        ),
+        FindingKind::UnexpectedDestination => format!(
+            "{who} in {place} holds credential {} and connected to {} outside its intent ({})",
+            credential.as_ref().map(|c| c.path.as_str()).unwrap_or("?"),
+            destination
+                .as_ref()
+                .map(|d| format!("{}:{}/{}", d.ip, d.port, d.protocol))
+                .unwrap_or_default(),
+            action.as_str(),
+        ),
+        FindingKind::ForeignCredential => format!(
+            "{who} in {place} obtained credential {} owned by pod {}",
+            credential.as_ref().map(|c| c.path.as_str()).unwrap_or("?"),
+            credential
+                .as_ref()
+                .and_then(|c| c.owner_pod_uid.clone())
+                .unwrap_or_default()
+        ),
+        FindingKind::StaleReuse | FindingKind::CoverageDegraded => kind.as_str().to_string(),
+    };
+    Finding {
+        time: lk.wall_time(time_ns),
+        kind,
+        severity: severity_of(kind),
+        action,
+        intent: intent.map(|i| i.name.clone()),
+        workload: w.workload.clone(),
+        process,
+        credential,
+        destination,
+        mitre: kind.mitre().iter().map(|s| s.to_string()).collect(),
+        count: 1,
+        message,
+    }
+}
+
+fn refresh_of(w: &WorkloadCtx) -> u64 {
+    if w.workload.pod_uid.is_some() && w.workload.pod.is_none() {
+        WORKLOAD_REFRESH_UNNAMED_NS
+    } else {
+        WORKLOAD_REFRESH_NS
+    }
+}
+
+/// The cache entry of `cgroup_id`, (re)resolved through `lk` when missing,
+/// stale or unknown; idle entries are swept when the cache has doubled.
+fn cgroup_entry<'m>(
+    cgroups: &'m mut FastMap<u64, CgroupEntry>,
+    sweep_at: &mut usize,
+    cgroup_id: u64,
+    now_ns: u64,
+    lk: &mut dyn Lookup,
+) -> &'m mut CgroupEntry {
+    if cgroups.len() >= *sweep_at {
+        cgroups.retain(|_, e| now_ns.saturating_sub(e.used_ns) < WORKLOAD_IDLE_NS);
+        *sweep_at = (cgroups.len() * 2).max(4096);
+    }
+    match cgroups.entry(cgroup_id) {
+        Entry::Occupied(o) => {
+            let e = o.into_mut();
+            if e.unknown || now_ns.saturating_sub(e.resolved_ns) >= e.refresh_ns {
+                let fresh = lk.workload(cgroup_id);
+                if *e.ctx != fresh {
+                    e.unknown = fresh.workload.cgroup_path.is_none();
+                    e.refresh_ns = refresh_of(&fresh);
+                    e.ctx = Arc::new(fresh);
+                    e.declared = None;
+                    e.learned = None;
+                }
+                e.resolved_ns = now_ns;
+            }
+            e.used_ns = e.used_ns.max(now_ns);
+            e
+        }
+        Entry::Vacant(v) => {
+            let ctx = lk.workload(cgroup_id);
+            v.insert(CgroupEntry {
+                unknown: ctx.workload.cgroup_path.is_none(),
+                refresh_ns: refresh_of(&ctx),
+                ctx: Arc::new(ctx),
+                resolved_ns: now_ns,
+                used_ns: now_ns,
+                declared: None,
+                learned: None,
+            })
+        }
+    }
+}
+
 impl Correlator {
     pub fn new(trusted_host_readers: Vec<String>, observe_only: bool) -> Self {
         Correlator {
             processes: ProcessTable::default(),
             trusted_host_readers,
             observe_only,
+            cgroups: FastMap::default(),
+            sweep_at: 4096,
         }
     }
 
     /// Findings name the process (tgid), not the thread.
     fn process(&mut self, tgid: u32, ppid: u32, comm: &str, uid: Option<u32>) -> Process {
-        let exe = self.processes.exe_of(tgid);
+        let exe = self.processes.exe_of(tgid).map(|e| e.to_string());
         Process {
             pid: tgid,
             ppid: if ppid != 0 {
@@ -132,66 +342,22 @@ impl Correlator {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn finding(
-        &self,
-        lk: &dyn Lookup,
-        time_ns: u64,
-        kind: FindingKind,
-        action: Action,
-        intent: Option<&IntentRef>,
-        w: &WorkloadCtx,
-        process: Process,
-        credential: Option<Credential>,
-        destination: Option<Destination>,
-    ) -> Finding {
-        let who = process.exe.clone().unwrap_or_else(|| process.comm.clone());
-        let place = match (&w.workload.namespace, &w.workload.pod, &w.workload.pod_uid) {
-            (Some(ns), Some(pod), _) => format!("pod {ns}/{pod}"),
-            (_, _, Some(uid)) => format!("pod {uid}"),
-            _ => format!(
-                "host cgroup {}",
-                w.workload.cgroup_path.as_deref().unwrap_or("?")
-            ),
-        };
-        let message = match kind {
-            FindingKind::UnexpectedReader => format!(
-                "{who} in {place} obtained credential {} not expected by its intent",
-                credential.as_ref().map(|c| c.path.as_str()).unwrap_or("?")
-            ),
-            FindingKind::UnexpectedDestination => format!(
-                "{who} in {place} holds credential {} and connected to {} outside its intent ({})",
-                credential.as_ref().map(|c| c.path.as_str()).unwrap_or("?"),
-                destination
-                    .as_ref()
-                    .map(|d| format!("{}:{}/{}", d.ip, d.port, d.protocol))
-                    .unwrap_or_default(),
-                action.as_str(),
-            ),
-            FindingKind::ForeignCredential => format!(
-                "{who} in {place} obtained credential {} owned by pod {}",
-                credential.as_ref().map(|c| c.path.as_str()).unwrap_or("?"),
-                credential
-                    .as_ref()
-                    .and_then(|c| c.owner_pod_uid.clone())
-                    .unwrap_or_default()
-            ),
-            FindingKind::StaleReuse | FindingKind::CoverageDegraded => kind.as_str().to_string(),
-        };
-        Finding {
-            time: lk.wall_time(time_ns),
-            kind,
-            severity: severity_of(kind),
-            action,
-            intent: intent.map(|i| i.name.clone()),
-            workload: w.workload.clone(),
-            process,
-            credential,
-            destination,
-            mitre: kind.mitre().iter().map(|s| s.to_string()).collect(),
-            count: 1,
-            message,
-        }
+    /// The workload of `cgroup_id` at event time `now_ns`, resolved through
+    /// `lk` when not cached or older than [`WORKLOAD_REFRESH_NS`].
+    pub fn workload(
+        &mut self,
+        cgroup_id: u64,
+        now_ns: u64,
+        lk: &mut dyn Lookup,
+    ) -> Arc<WorkloadCtx> {
+        cgroup_entry(&mut self.cgroups, &mut self.sweep_at, cgroup_id, now_ns, lk)
+            .ctx
+            .clone()
+    }
+
+    /// Number of cgroups whose workload is cached.
+    pub fn cached_workloads(&self) -> usize {
+        self.cgroups.len()
     }
 
     /// Judge one event. A declared intent decides when one selects the
@@ -210,7 +376,80 @@ impl Correlator {
             Event::Connect(c) if c.holder_credential != 0 => {
                 self.on_holder_connect(c, lk, declared, learner)
             }
+            Event::CgroupMkdir(c) | Event::CgroupRmdir(c) => {
+                self.cgroups.remove(&c.id);
+                Vec::new()
+            }
             _ => Vec::new(),
+        }
+    }
+
+    /// Ask the workload's intent (declared, else learned) `q`: `None` when
+    /// nothing judges it (no intent, or still learning), else whether `q`
+    /// is allowed and by which intent. Selections are cached per cgroup.
+    fn judge(
+        entry: &mut CgroupEntry,
+        now_ns: u64,
+        declared: &dyn Judge,
+        learner: Option<&mut Learner>,
+        q: Question<'_>,
+    ) -> Option<(bool, Source)> {
+        let uncached;
+        let intent = match declared.generation() {
+            Some(g) => {
+                if !matches!(entry.declared, Some((have, _)) if have == g) {
+                    entry.declared = Some((g, declared.intent_for(&entry.ctx)));
+                }
+                entry.declared.as_ref().and_then(|(_, i)| i.as_ref())
+            }
+            None => {
+                uncached = declared.intent_for(&entry.ctx);
+                uncached.as_ref()
+            }
+        };
+        if let Some(i) = intent {
+            let ok = match q {
+                Question::Reader(exe) => declared.allows_reader(i, exe),
+                Question::Destination(ip, port) => declared.allows_destination(i, ip, port),
+            };
+            return Some((ok, Source::Declared));
+        }
+        let l = learner?;
+        let slot = match entry.learned {
+            Some((id, slot)) if id == l.id() => slot,
+            _ => {
+                let slot = l.slot_for(&entry.ctx, now_ns);
+                entry.learned = Some((l.id(), slot));
+                slot
+            }
+        }?;
+        let learning = match q {
+            Question::Reader(exe) => l.observe_reader_in(slot, exe, now_ns),
+            Question::Destination(ip, port) => l.observe_destination_in(slot, ip, port, now_ns),
+        };
+        if learning {
+            return None;
+        }
+        let ok = match q {
+            Question::Reader(exe) => l.allows_reader_in(slot, exe),
+            Question::Destination(ip, port) => l.allows_destination_in(slot, ip, port),
+        };
+        Some((ok, Source::Learned(slot)))
+    }
+
+    /// The intent behind a judgement, for a finding.
+    fn intent_of(
+        entry: &CgroupEntry,
+        source: Source,
+        declared: &dyn Judge,
+        learner: Option<&Learner>,
+    ) -> Option<IntentRef> {
+        match (source, &entry.declared) {
+            (Source::Declared, Some((_, cached))) if declared.generation().is_some() => {
+                cached.clone()
+            }
+            (Source::Declared, _) => declared.intent_for(&entry.ctx),
+            (Source::Learned(slot), _) => learner.map(|l| l.intent_in(slot)),
         }
     }
 
@@ -219,65 +458,67 @@ impl Correlator {
         a: &CredentialAccess,
         lk: &mut dyn Lookup,
         declared: &dyn Judge,
-        learner: Option<&mut Learner>,
+        mut learner: Option<&mut Learner>,
     ) -> Vec<Finding> {
         if !a.readable {
             return Vec::new(); // kubelet writing a rotated token, not a read
         }
+        let (cg, t) = (a.common.cgroup_id, a.common.time_ns);
+        let entry = cgroup_entry(&mut self.cgroups, &mut self.sweep_at, cg, t, lk);
         let Some(cred) = lk.credential(a.credential_id) else {
-            return Vec::new();
+            return Vec::new(); // no longer watched
         };
-        let w = lk.workload(a.common.cgroup_id);
+        let w = entry.ctx.clone();
         // The full `Process` (ancestry walk, clones) only when there is a
         // finding: most reads are the expected reader and produce none.
-        let exe = self.processes.exe_of(a.common.tgid).unwrap_or_default();
-        let mut out = Vec::new();
+        let exe = self.processes.exe_of(a.common.tgid);
+        let exe = exe.as_deref().unwrap_or_default();
 
-        if let Some(owner) = &cred.owner_pod_uid {
+        if let Some(owner) = cred.owner_pod_uid.as_deref() {
             let foreign = match &w.workload.pod_uid {
                 Some(uid) => uid != owner,
-                None => !exe_matches(&exe, &self.trusted_host_readers),
+                None => !exe_matches(exe, &self.trusted_host_readers),
             };
             if foreign {
+                let cred = Some(cred.clone());
                 let process = self.process(a.common.tgid, a.ppid, &a.comm, Some(a.uid));
-                out.push(self.finding(
+                return vec![finding(
                     &*lk,
-                    a.common.time_ns,
+                    t,
                     FindingKind::ForeignCredential,
                     Action::Alerted,
                     None,
                     &w,
                     process,
-                    Some(cred),
+                    cred,
                     None,
-                ));
-                return out;
+                )];
             }
         }
-        let verdict = match declared.intent_for(&w) {
-            Some(i) => Some((declared.allows_reader(&i, &exe), i)),
-            None => learner.and_then(|l| {
-                if l.observe_reader(&w, &exe, a.common.time_ns) {
-                    return None; // still learning
-                }
-                l.intent_for(&w).map(|i| (l.allows_reader(&i, &exe), i))
-            }),
+        let judged = Self::judge(
+            entry,
+            t,
+            declared,
+            learner.as_deref_mut(),
+            Question::Reader(exe),
+        );
+        let Some((false, source)) = judged else {
+            return Vec::new();
         };
-        if let Some((false, intent)) = verdict {
-            let process = self.process(a.common.tgid, a.ppid, &a.comm, Some(a.uid));
-            out.push(self.finding(
-                &*lk,
-                a.common.time_ns,
-                FindingKind::UnexpectedReader,
-                Action::Alerted,
-                Some(&intent),
-                &w,
-                process,
-                Some(cred),
-                None,
-            ));
-        }
-        out
+        let intent = Self::intent_of(entry, source, declared, learner.as_deref());
+        let cred = Some(cred.clone());
+        let process = self.process(a.common.tgid, a.ppid, &a.comm, Some(a.uid));
+        vec![finding(
+            &*lk,
+            t,
+            FindingKind::UnexpectedReader,
+            Action::Alerted,
+            intent.as_ref(),
+            &w,
+            process,
+            cred,
+            None,
+        )]
     }
 
     fn on_holder_connect(
@@ -285,31 +526,31 @@ impl Correlator {
         c: &Connect,
         lk: &mut dyn Lookup,
         declared: &dyn Judge,
-        learner: Option<&mut Learner>,
+        mut learner: Option<&mut Learner>,
     ) -> Vec<Finding> {
-        let w = lk.workload(c.common.cgroup_id);
-        let cred = lk.credential(c.holder_credential);
+        let (cg, t) = (c.common.cgroup_id, c.common.time_ns);
+        let entry = cgroup_entry(&mut self.cgroups, &mut self.sweep_at, cg, t, lk);
+        let judged = Self::judge(
+            entry,
+            t,
+            declared,
+            learner.as_deref_mut(),
+            Question::Destination(c.addr, c.port),
+        );
+        let kernel_judged = c.reason == "unexpected_destination";
+        let outside = kernel_judged || matches!(judged, Some((false, _)));
+        if !outside && c.verdict_typed == Verdict::Allowed {
+            return Vec::new();
+        }
+        let intent = judged
+            .and_then(|(_, source)| Self::intent_of(entry, source, declared, learner.as_deref()));
+        let w = entry.ctx.clone();
+        let cred = lk.credential(c.holder_credential).cloned();
         let destination = Destination {
             ip: c.addr,
             port: c.port,
             protocol: c.protocol.as_str().to_string(),
         };
-        let judged = match declared.intent_for(&w) {
-            Some(i) => Some((declared.allows_destination(&i, c.addr, c.port), i)),
-            None => learner.and_then(|l| {
-                if l.observe_destination(&w, c.addr, c.port, c.common.time_ns) {
-                    return None; // still learning
-                }
-                l.intent_for(&w)
-                    .map(|i| (l.allows_destination(&i, c.addr, c.port), i))
-            }),
-        };
-        let kernel_judged = c.reason == "unexpected_destination";
-        let outside = kernel_judged || matches!(judged, Some((false, _)));
-        let intent = judged.map(|(_, i)| i);
-        if !outside && c.verdict_typed == Verdict::Allowed {
-            return Vec::new();
-        }
         // Deny-list verdicts (manual quarantine) are reported as such too.
         let kind = FindingKind::UnexpectedDestination;
         let action = if self.observe_only {
@@ -318,9 +559,9 @@ impl Correlator {
             action_of(c.verdict_typed)
         };
         let process = self.process(c.common.tgid, 0, &c.comm, None);
-        vec![self.finding(
+        vec![finding(
             &*lk,
-            c.common.time_ns,
+            t,
             kind,
             action,
             intent.as_ref(),
@@ -355,8 +596,8 @@ mod tests {
                     ..Default::default()
                 })
         }
-        fn credential(&self, id: u32) -> Option<Credential> {
-            self.creds.get(&id).cloned()
+        fn credential(&self, id: u32) -> Option<&Credential> {
+            self.creds.get(&id)
         }
         fn wall_time(&self, _: u64) -> String {
             "2026-11-23T10:00:00.000Z".into()

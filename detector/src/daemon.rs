@@ -25,7 +25,7 @@ use crate::{
     attribution::{cri::CriHandle, Attributor},
     btf::Btf,
     cli::{KillScope, Mode, RunSettings},
-    correlate::{Correlator, Lookup, WorkloadCtx},
+    correlate::{new_generation, Correlator, Lookup, Versioned, WorkloadCtx},
     coverage::Coverage,
     credentials::{kernel_value, CredentialTable},
     enforce::Enforcer,
@@ -60,13 +60,14 @@ pub fn rfc3339_ms(wall_ns: i128) -> String {
 }
 
 /// Resolves what events carry (cgroup ids, credential ids) for correlation.
-struct Resolver<'a> {
-    credentials: &'a CredentialTable,
-    attribution: &'a mut Attributor,
-    wall_offset_ns: i128,
+/// Public so that benches/correlate.rs measures this very resolver.
+pub struct Resolver<'a> {
+    pub credentials: &'a CredentialTable,
+    pub attribution: &'a mut Attributor,
+    pub wall_offset_ns: i128,
 }
 
-fn workload_of(attribution: &mut Attributor, cgroup_id: u64) -> WorkloadCtx {
+pub fn workload_of(attribution: &mut Attributor, cgroup_id: u64) -> WorkloadCtx {
     match attribution.resolve(cgroup_id) {
         Some(info) => WorkloadCtx {
             workload: info.to_workload(),
@@ -88,8 +89,8 @@ impl Lookup for Resolver<'_> {
         workload_of(self.attribution, cgroup_id)
     }
 
-    fn credential(&self, id: u32) -> Option<Credential> {
-        self.credentials.by_id(id).map(|w| w.meta.clone())
+    fn credential(&self, id: u32) -> Option<&Credential> {
+        self.credentials.by_id(id).map(|w| &w.meta)
     }
 
     fn wall_time(&self, boot_ns: u64) -> String {
@@ -132,6 +133,11 @@ struct Pipeline {
     correlator: Correlator,
     learner: Learner,
     declared: Arc<IntentSet>,
+    /// New at every install of `declared`: the correlator caches intent
+    /// selections per cgroup under it.
+    declared_generation: u64,
+    /// `metrics.events` per `EventKind as usize`, resolved at first use.
+    events_by_kind: Vec<Option<prometheus::IntCounter>>,
     enforcer: Enforcer,
     attribution: Attributor,
     aggregator: Aggregator,
@@ -152,27 +158,16 @@ impl Pipeline {
             }
         };
         let kind = event.kind();
-        self.metrics.events.with_label_values(&[kind.name()]).inc();
+        if let Some(slot) = self.events_by_kind.get_mut(kind as usize) {
+            let events = &self.metrics.events;
+            slot.get_or_insert_with(|| events.with_label_values(&[kind.name()]))
+                .inc();
+        }
         let t = event.common().time_ns;
         if now_ns >= t {
             self.metrics
                 .processing_latency
                 .observe((now_ns - t) as f64 / 1e9);
-        }
-        // Opens the kernel aggregated count too: every read is counted once.
-        let reads = match &event {
-            Event::CredentialAccess(a) => 1 + u64::from(a.repeats),
-            Event::Exit(x) => u64::from(x.unreported_reads),
-            _ => 0,
-        };
-        if reads > 0 {
-            // Labelled by the reader's namespace (bounded); "" off-pod.
-            let w = workload_of(&mut self.attribution, event.common().cgroup_id);
-            let ns = w.workload.namespace.as_deref().unwrap_or("");
-            self.metrics
-                .credential_reads
-                .with_label_values(&[ns])
-                .inc_by(reads);
         }
         if let Some(out) = self.debug_out.as_mut() {
             if let Err(e) = serde_json::to_writer(&mut *out, &event)
@@ -202,12 +197,30 @@ impl Pipeline {
             attribution: &mut self.attribution,
             wall_offset_ns: self.wall_offset_ns,
         };
-        let findings = self.correlator.on_event(
-            &event,
-            &mut resolver,
-            self.declared.as_ref(),
-            Some(&mut self.learner),
-        );
+        // Opens the kernel aggregated count too: every read is counted once.
+        let reads = match &event {
+            Event::CredentialAccess(a) => 1 + u64::from(a.repeats),
+            Event::Exit(x) => u64::from(x.unreported_reads),
+            _ => 0,
+        };
+        if reads > 0 {
+            // Labelled by the reader's namespace (bounded); "" off-pod.
+            let w = self
+                .correlator
+                .workload(event.common().cgroup_id, t, &mut resolver);
+            let ns = w.workload.namespace.as_deref().unwrap_or("");
+            self.metrics
+                .credential_reads
+                .with_label_values(&[ns])
+                .inc_by(reads);
+        }
+        let declared = Versioned {
+            judge: self.declared.as_ref(),
+            generation: self.declared_generation,
+        };
+        let findings =
+            self.correlator
+                .on_event(&event, &mut resolver, &declared, Some(&mut self.learner));
         for mut f in findings {
             if let Event::CredentialAccess(a) = &event {
                 if matches!(
@@ -268,6 +281,7 @@ impl Pipeline {
             .apply_set(set.clone(), &mut sensors.maps, &cgroups);
         self.metrics.intents.set(set.len() as i64);
         self.declared = set;
+        self.declared_generation = new_generation();
     }
 
     fn emit(&self, f: &Finding) {
@@ -544,6 +558,8 @@ pub async fn run(settings: RunSettings) -> Result<()> {
         correlator,
         learner: Learner::new(settings.learn_window.as_nanos() as u64),
         declared: Arc::new(IntentSet::new(Vec::new())),
+        declared_generation: new_generation(),
+        events_by_kind: vec![None; detector_common::EVENT_KINDS as usize],
         enforcer: Enforcer::default(),
         attribution: Attributor::new(&cgroup_root)
             .with_cri(CriHandle::spawn(settings.cri_socket.clone())),

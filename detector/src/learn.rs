@@ -14,6 +14,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     net::IpAddr,
+    sync::atomic::{AtomicU64, Ordering},
 };
 
 use detector_common::PolicyAction;
@@ -30,6 +31,9 @@ struct Profile {
 }
 
 pub struct Learner {
+    /// Unique per learner: the correlator caches profile slots per cgroup
+    /// under it.
+    id: u64,
     window_ns: u64,
     /// Profiles by workload key; `IntentRef::index` is the key's slot.
     keys: Vec<String>,
@@ -68,7 +72,9 @@ pub fn workload_key(w: &WorkloadCtx) -> Option<String> {
 
 impl Learner {
     pub fn new(window_ns: u64) -> Self {
+        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
         Learner {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             window_ns,
             keys: Vec::new(),
             slots: HashMap::new(),
@@ -76,7 +82,14 @@ impl Learner {
         }
     }
 
-    fn slot(&mut self, w: &WorkloadCtx, now_ns: u64) -> Option<usize> {
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The profile slot of `w`'s workload, created (first seen at `now_ns`)
+    /// if new; `None` for a workload with no key. Slots are never reused, so
+    /// a caller may keep one for as long as `w` stays the same.
+    pub fn slot_for(&mut self, w: &WorkloadCtx, now_ns: u64) -> Option<usize> {
         let key = workload_key(w)?;
         if let Some(&i) = self.slots.get(&key) {
             return Some(i);
@@ -98,14 +111,22 @@ impl Learner {
 
     /// Record a credential reader; true while the workload is still learning.
     pub fn observe_reader(&mut self, w: &WorkloadCtx, exe: &str, now_ns: u64) -> bool {
-        let Some(i) = self.slot(w, now_ns) else {
-            return false;
-        };
-        if self.learning(i, now_ns) {
-            self.profiles[i].readers.insert(exe.to_string());
-            return true;
+        match self.slot_for(w, now_ns) {
+            Some(i) => self.observe_reader_in(i, exe, now_ns),
+            None => false,
         }
-        false
+    }
+
+    /// [`Self::observe_reader`] by slot.
+    pub fn observe_reader_in(&mut self, slot: usize, exe: &str, now_ns: u64) -> bool {
+        if slot >= self.profiles.len() || !self.learning(slot, now_ns) {
+            return false;
+        }
+        let readers = &mut self.profiles[slot].readers;
+        if !readers.contains(exe) {
+            readers.insert(exe.to_string());
+        }
+        true
     }
 
     /// Record a holder's destination; true while the workload is still learning.
@@ -116,14 +137,51 @@ impl Learner {
         port: u16,
         now_ns: u64,
     ) -> bool {
-        let Some(i) = self.slot(w, now_ns) else {
-            return false;
-        };
-        if self.learning(i, now_ns) {
-            self.profiles[i].destinations.insert((ip, port));
-            return true;
+        match self.slot_for(w, now_ns) {
+            Some(i) => self.observe_destination_in(i, ip, port, now_ns),
+            None => false,
         }
-        false
+    }
+
+    /// [`Self::observe_destination`] by slot.
+    pub fn observe_destination_in(
+        &mut self,
+        slot: usize,
+        ip: IpAddr,
+        port: u16,
+        now_ns: u64,
+    ) -> bool {
+        if slot >= self.profiles.len() || !self.learning(slot, now_ns) {
+            return false;
+        }
+        self.profiles[slot].destinations.insert((ip, port));
+        true
+    }
+
+    /// Did the profile in `slot` learn `exe` as a reader?
+    pub fn allows_reader_in(&self, slot: usize, exe: &str) -> bool {
+        self.profiles
+            .get(slot)
+            .is_some_and(|p| p.readers.contains(exe))
+    }
+
+    /// Did the profile in `slot` learn `(ip, port)` as a destination?
+    pub fn allows_destination_in(&self, slot: usize, ip: IpAddr, port: u16) -> bool {
+        self.profiles
+            .get(slot)
+            .is_some_and(|p| p.destinations.contains(&(ip, port)))
+    }
+
+    /// The learned intent of `slot`, as findings name it.
+    pub fn intent_in(&self, slot: usize) -> IntentRef {
+        IntentRef {
+            name: format!(
+                "learned:{}",
+                self.keys.get(slot).map(String::as_str).unwrap_or("?")
+            ),
+            action: PolicyAction::Alert,
+            index: slot,
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -159,23 +217,15 @@ impl Judge for Learner {
         if self.learning(i, now) {
             return None;
         }
-        Some(IntentRef {
-            name: format!("learned:{key}"),
-            action: PolicyAction::Alert,
-            index: i,
-        })
+        Some(self.intent_in(i))
     }
 
     fn allows_reader(&self, intent: &IntentRef, exe: &str) -> bool {
-        self.profiles
-            .get(intent.index)
-            .is_some_and(|p| p.readers.contains(exe))
+        self.allows_reader_in(intent.index, exe)
     }
 
     fn allows_destination(&self, intent: &IntentRef, ip: IpAddr, port: u16) -> bool {
-        self.profiles
-            .get(intent.index)
-            .is_some_and(|p| p.destinations.contains(&(ip, port)))
+        self.allows_destination_in(intent.index, ip, port)
     }
 }
 

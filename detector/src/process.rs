@@ -2,18 +2,19 @@
 //! /proc at start-up): pid -> executable, parent, cgroup. Gives findings the
 //! process's exe and its ancestry even when the process is already gone.
 
-use std::{
-    collections::{HashMap, VecDeque},
-    path::Path,
-};
+use std::{collections::VecDeque, path::Path, sync::Arc};
 
-use crate::events::{Event, Exec, Fork};
+use crate::{
+    correlate::FastMap,
+    events::{Event, Exec, Fork},
+};
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ProcInfo {
     pub ppid: u32,
-    /// Absolute executable path when known.
-    pub exe: Option<String>,
+    /// Absolute executable path when known. Shared: a fork's child runs its
+    /// parent's image, and every event of the process asks for it.
+    pub exe: Option<Arc<str>>,
     pub comm: String,
     pub cgroup_id: u64,
     /// Boot-time ns of the exit, if it exited.
@@ -29,7 +30,7 @@ const MAX_ANCESTRY: usize = 16;
 
 #[derive(Default)]
 pub struct ProcessTable {
-    procs: HashMap<u32, ProcInfo>,
+    procs: FastMap<u32, ProcInfo>,
     exited: VecDeque<(u64, u32)>,
 }
 
@@ -69,7 +70,7 @@ impl ProcessTable {
             };
             self.procs.entry(pid).or_insert_with(|| ProcInfo {
                 ppid: proc_ppid(pid).unwrap_or(0),
-                exe: proc_exe(pid),
+                exe: proc_exe(pid).map(Arc::from),
                 comm: proc_comm(pid),
                 cgroup_id: 0,
                 exited_ns: None,
@@ -120,13 +121,13 @@ impl ProcessTable {
                 // The kernel's filename may be relative ("./x"); /proc has the
                 // resolved path while the process lives.
                 let exe = if filename.starts_with('/') {
-                    Some(filename.clone())
+                    Arc::from(filename.as_str())
                 } else {
-                    proc_exe(common.tgid).or(Some(filename.clone()))
+                    Arc::from(proc_exe(common.tgid).as_deref().unwrap_or(filename))
                 };
                 let e = self.procs.entry(common.tgid).or_default();
-                e.exe = exe;
-                e.comm = comm.clone();
+                e.exe = Some(exe);
+                e.comm.clone_from(comm);
                 e.ppid = *ppid;
                 e.cgroup_id = common.cgroup_id;
             }
@@ -170,11 +171,11 @@ impl ProcessTable {
     }
 
     /// Executable of `pid`: table, then /proc.
-    pub fn exe_of(&mut self, pid: u32) -> Option<String> {
+    pub fn exe_of(&mut self, pid: u32) -> Option<Arc<str>> {
         if let Some(e) = self.procs.get(&pid).and_then(|p| p.exe.clone()) {
             return Some(e);
         }
-        let exe = proc_exe(pid)?;
+        let exe: Arc<str> = Arc::from(proc_exe(pid)?);
         self.procs
             .entry(pid)
             .or_insert_with(|| ProcInfo {
@@ -197,7 +198,7 @@ impl ProcessTable {
                 }
                 break;
             };
-            out.push(p.exe.clone().unwrap_or_else(|| p.comm.clone()));
+            out.push(p.exe.as_deref().unwrap_or(&p.comm).to_string());
             if p.ppid == cur {
                 break;
             }
