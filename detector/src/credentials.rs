@@ -55,6 +55,10 @@ impl CredentialTable {
         Some(w)
     }
 
+    pub fn get(&self, key: &CredentialKey) -> Option<&Watched> {
+        self.by_key.get(key)
+    }
+
     pub fn by_id(&self, id: u32) -> Option<&Watched> {
         self.by_id.get(&id).and_then(|k| self.by_key.get(k))
     }

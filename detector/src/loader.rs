@@ -44,6 +44,10 @@ pub struct SensorConfig {
     pub cgroup_root: std::path::PathBuf,
     pub enforce: bool,
     pub connect_dedup_ns: u64,
+    /// Attach the open-family syscall tracepoints (`FD_TRACEPOINTS`). Off
+    /// when the fanotify sensor sees credential opens instead: any syscall
+    /// tracepoint slows every syscall of every task.
+    pub open_tracepoints: bool,
 }
 
 /// Maps userspace reads and writes.
@@ -187,8 +191,10 @@ impl Sensors {
             attached.push(format!("tracepoint/{category}/{name}"));
             Ok(())
         };
-        for name in FD_TRACEPOINTS {
-            attach_tp(&mut ebpf, "syscalls", name)?;
+        if cfg.open_tracepoints {
+            for name in FD_TRACEPOINTS {
+                attach_tp(&mut ebpf, "syscalls", name)?;
+            }
         }
         attach_tp(&mut ebpf, "sched", "sched_process_exec")?;
         attach_tp(&mut ebpf, "cgroup", "cgroup_mkdir")?;
