@@ -49,6 +49,23 @@ impl CredentialTable {
         (w, new)
     }
 
+    /// Takes a credential found outside the inventory (the fanotify sensor
+    /// names a rotated token's new inode before the inventory has seen it)
+    /// with the id that sensor already gave it. If the key is known under
+    /// another id, `id` becomes an alias of it. Returns whether it is new.
+    pub fn adopt(&mut self, key: CredentialKey, id: u32, meta: Credential) -> bool {
+        if self.by_key.contains_key(&key) {
+            self.by_id.entry(id).or_insert(key);
+            return false;
+        }
+        if self.by_id.contains_key(&id) {
+            return false; // id space clash; cannot happen with disjoint ranges
+        }
+        self.by_id.insert(id, key);
+        self.by_key.insert(key, Watched { id, key, meta });
+        true
+    }
+
     pub fn remove(&mut self, key: &CredentialKey) -> Option<Watched> {
         let w = self.by_key.remove(key)?;
         self.by_id.remove(&w.id);
@@ -110,5 +127,23 @@ mod tests {
         t.remove(&a);
         assert!(t.by_id(ida).is_none());
         assert_eq!(t.len(), 1);
+    }
+
+    #[test]
+    fn adopted_ids_and_aliases() {
+        let mut t = CredentialTable::default();
+        let a = CredentialKey { dev: 1, ino: 10 };
+        let b = CredentialKey { dev: 1, ino: 11 };
+        assert!(t.adopt(a, 0x8000_0001, meta("/a")));
+        assert_eq!(t.get(&a).unwrap().id, 0x8000_0001);
+        // The inventory confirms it later: same id, fresh description.
+        let (w, new) = t.upsert(a, meta("/a-real"));
+        assert_eq!((w.id, new), (0x8000_0001, false));
+        // Known first by the inventory: the sensor's id becomes an alias.
+        let (wb, _) = t.upsert(b, meta("/b"));
+        let idb = wb.id;
+        assert!(!t.adopt(b, 0x8000_0002, meta("/b")));
+        assert_eq!(t.by_id(0x8000_0002).unwrap().id, idb);
+        assert_eq!(t.len(), 2);
     }
 }

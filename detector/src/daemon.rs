@@ -512,14 +512,20 @@ pub async fn run(settings: RunSettings) -> Result<()> {
             _ = poll.tick() => drain(ring.get_mut(), &mut pipeline, &mut sensors),
             Some(msg) = recv_opt(open_events.as_mut()) => {
                 let fanotify::Message::Access(a) = msg;
+                if let Some(s) = open_sensor.as_mut() {
+                    s.drain_discovered(&mut pipeline.credentials, &mut sensors.maps.credentials);
+                }
                 pipeline.handle_event(&mut sensors, Event::CredentialAccess(a), boottime_ns());
                 pipeline.flush();
             }
             Some(update) = inventory.recv() => {
                 let for_fanotify = open_sensor.as_ref().map(|_| update.clone());
+                if let Some(s) = open_sensor.as_mut() {
+                    s.drain_discovered(&mut pipeline.credentials, &mut sensors.maps.credentials);
+                }
                 let synced = pipeline.apply_inventory(&mut sensors, update);
                 if let (Some(s), Some(u)) = (open_sensor.as_mut(), for_fanotify) {
-                    s.apply_inventory(&u, &pipeline.credentials);
+                    s.apply_inventory(&u, &mut pipeline.credentials, &mut sensors.maps.credentials);
                 }
                 if synced && !readiness.inventory.swap(true, Ordering::AcqRel) {
                     info!(credentials = pipeline.credentials.len(), "inventory loaded; ready");

@@ -29,9 +29,17 @@
 //!   pending permission event with allow.
 //!
 //! # Marks
-//! An inode mark per credential file of the inventory (added and removed as
-//! it changes). The kernel drops an inode's marks when its last link is
-//! unlinked.
+//! - A projected or secret volume that kubelet mounted as a tmpfs of its own
+//!   gets one `FAN_MARK_FILESYSTEM` mark: every inode of that volume,
+//!   present and future. An open of an inode the inventory does not know
+//!   yet whose name is one of the volume's credential names (`token`) is a
+//!   credential at once: a rotated token is covered from its creation, with
+//!   no gap until the inventory's next scan, and an unlinked old token that
+//!   a process re-opens through `/proc/<pid>/fd/N` stays covered during the
+//!   grace period.
+//! - Any other credential file gets an inode mark (added and removed as the
+//!   inventory changes). The kernel drops an inode's marks when its last
+//!   link is unlinked.
 //!
 //! # What it covers
 //! Every way of opening the file: any path (symlink, hardlink, bind mount,
@@ -42,9 +50,11 @@
 
 mod opener;
 mod sys;
+mod volume;
 
 use std::{
-    collections::HashMap as StdHashMap,
+    collections::{HashMap as StdHashMap, HashSet},
+    ffi::OsString,
     io,
     os::{
         fd::{AsRawFd, OwnedFd, RawFd},
@@ -52,7 +62,7 @@ use std::{
     },
     path::{Path, PathBuf},
     sync::{
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU32, Ordering},
         Arc, Mutex, MutexGuard, RwLock,
     },
     thread::JoinHandle,
@@ -60,7 +70,7 @@ use std::{
 };
 
 use aya::maps::{HashMap, IterableMap, Map, MapData};
-use detector_common::{kernel_dev_from_user, CredentialKey, Holder};
+use detector_common::{kernel_dev_from_user, CredentialInfo, CredentialKey, Holder};
 use prometheus::{IntCounter, IntGaugeVec, Opts, Registry};
 use tokio::sync::mpsc;
 use tracing::{debug, error, info, warn};
@@ -68,10 +78,15 @@ use tracing::{debug, error, info, warn};
 pub use sys::Group;
 
 use crate::{
-    credentials::CredentialTable,
+    credentials::{kernel_value, CredentialTable},
     events::{Common, CredentialAccess},
+    finding::Credential,
     inventory::{CredentialFile, InventoryUpdate},
 };
+
+/// Ids the responder gives credentials it finds itself; the inventory's
+/// table counts up from 1, so the ranges never meet.
+const FIRST_DISCOVERED_ID: u32 = 0x8000_0000;
 
 /// `bpf_map_update_elem` flag: only if the key is absent.
 const BPF_NOEXIST: u64 = 1;
@@ -134,6 +149,7 @@ impl Stats {
         )?;
         registry.register(Box::new(marks.clone()))?;
         marks.with_label_values(&["inode"]);
+        marks.with_label_values(&["filesystem"]);
         Ok(Stats {
             permission_events: counter(
                 "detector_fanotify_permission_events_total",
@@ -173,12 +189,50 @@ struct Shared {
     stop: AtomicBool,
     /// (st_dev as stat gives it, ino) -> credential id.
     credentials: RwLock<StdHashMap<(u64, u64), u32>>,
+    /// Filesystems marked whole (st_dev) -> credential file names on them.
+    volumes: RwLock<StdHashMap<u64, Volume>>,
+    /// Credentials the responder found by name, for the pipeline's table.
+    discovered: Mutex<Vec<Discovered>>,
+    next_id: AtomicU32,
     inflight: Mutex<Inflight>,
     stats: Stats,
 }
 
+/// A volume on a filesystem of its own: its credential file names, each
+/// with the description a new inode of that name gets.
+#[derive(Clone, Debug, Default)]
+struct Volume {
+    names: StdHashMap<OsString, Credential>,
+}
+
+/// A credential the responder found before the inventory did.
+#[derive(Clone, Debug)]
+struct Discovered {
+    user_key: (u64, u64),
+    id: u32,
+    meta: Credential,
+}
+
+/// Our bookkeeping of one `FAN_MARK_FILESYSTEM` mark.
+struct FsMark {
+    dir: PathBuf,
+    /// Inventory credentials on it; the mark goes with the last one.
+    keys: HashSet<(u64, u64)>,
+    /// Credentials found by name on it that the inventory has not (yet)
+    /// confirmed.
+    discovered: HashSet<(u64, u64)>,
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(|e| e.into_inner())
+}
+
+fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(|e| e.into_inner())
 }
 
 /// What the sensor hands the pipeline.
@@ -193,6 +247,11 @@ pub struct FanotifySensor {
     responder: Option<JoinHandle<()>>,
     /// Inode marks we added: credential -> the path marked.
     inode_marks: StdHashMap<(u64, u64), PathBuf>,
+    /// Filesystem marks, by st_dev.
+    fs_marks: StdHashMap<u64, FsMark>,
+    /// Found credentials whose filesystem mark is gone: to drop from the
+    /// pipeline's table at the next drain.
+    forgotten: Vec<(u64, u64)>,
 }
 
 /// Is the permission sensor usable here? Returns the group to use.
@@ -221,6 +280,9 @@ impl FanotifySensor {
             wake,
             stop: AtomicBool::new(false),
             credentials: RwLock::new(StdHashMap::new()),
+            volumes: RwLock::new(StdHashMap::new()),
+            discovered: Mutex::new(Vec::new()),
+            next_id: AtomicU32::new(FIRST_DISCOVERED_ID),
             inflight: Mutex::new(Inflight {
                 fd: -1,
                 since: Instant::now(),
@@ -262,14 +324,22 @@ impl FanotifySensor {
                 shared,
                 responder: Some(responder),
                 inode_marks: StdHashMap::new(),
+                fs_marks: StdHashMap::new(),
+                forgotten: Vec::new(),
             },
             rx,
         ))
     }
 
     /// Follow the inventory. Call after the pipeline applied `update` to
-    /// `table` (which gives the credential ids).
-    pub fn apply_inventory(&mut self, update: &InventoryUpdate, table: &CredentialTable) {
+    /// `table` (which gives the credential ids); `kernel` is the kernel's
+    /// credentials map, kept equal to `table`.
+    pub fn apply_inventory(
+        &mut self,
+        update: &InventoryUpdate,
+        table: &mut CredentialTable,
+        kernel: &mut HashMap<MapData, CredentialKey, CredentialInfo>,
+    ) {
         match update {
             InventoryUpdate::Upsert(f) => {
                 let key = CredentialKey {
@@ -286,75 +356,166 @@ impl FanotifySensor {
             InventoryUpdate::Remove(f) => self.unwatch(f),
             InventoryUpdate::Synced => {}
         }
+        self.drain_discovered(table, kernel);
     }
 
     /// Watch one credential file (idempotent).
     pub fn watch(&mut self, f: &CredentialFile, id: u32) {
         let k = (f.dev, f.ino);
         // The id first: an event on the new mark must find it.
-        self.shared
-            .credentials
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(k, id);
+        write(&self.shared.credentials).insert(k, id);
+        if let Some(fs) = self.fs_marks.get_mut(&f.dev) {
+            fs.keys.insert(k);
+            fs.discovered.remove(&k);
+            self.add_volume_name(f);
+            return;
+        }
         if self.inode_marks.contains_key(&k) {
             return;
         }
-        let group = self.shared.group.read().unwrap_or_else(|e| e.into_inner());
-        let Some(g) = group.as_ref() else {
-            error!("fanotify responder has stopped; credential opens are not seen");
-            return;
-        };
+        if let Some(dir) = volume::dedicated_tmpfs(f) {
+            self.add_volume_name(f);
+            match self.mark(true, sys::MarkScope::Filesystem, &dir) {
+                Ok(()) => {
+                    info!(volume = %dir.display(), "fanotify filesystem mark on a credential volume");
+                    self.fs_marks.insert(
+                        f.dev,
+                        FsMark {
+                            dir,
+                            keys: HashSet::from([k]),
+                            discovered: HashSet::new(),
+                        },
+                    );
+                    self.set_mark_gauge();
+                    return;
+                }
+                Err(e) => {
+                    write(&self.shared.volumes).remove(&f.dev);
+                    warn!(volume = %dir.display(), error = %e, "no filesystem mark; marking the file only");
+                }
+            }
+        }
         let path = &f.real_path;
-        if let Err(e) = g.mark(true, sys::MarkScope::Inode, path) {
+        if let Err(e) = self.mark(true, sys::MarkScope::Inode, path) {
             error!(path = %path.display(), error = %e, "cannot add a fanotify mark; opens of this credential are not seen");
             return;
         }
         // The path may have been replaced between the inventory's stat and
         // the mark: keep a mark only on the inode the inventory named.
         if key_of(path) != Some(k) {
-            let _ = g.mark(false, sys::MarkScope::Inode, path);
+            let _ = self.mark(false, sys::MarkScope::Inode, path);
             warn!(path = %path.display(), "credential file replaced while marking; the inventory will report the new one");
             return;
         }
-        debug!(path = %path.display(), id, "fanotify mark added");
+        debug!(path = %path.display(), id, "fanotify inode mark added");
         self.inode_marks.insert(k, path.clone());
         self.set_mark_gauge();
+    }
+
+    /// The file's name becomes a credential name of its volume.
+    fn add_volume_name(&self, f: &CredentialFile) {
+        let Some(name) = f.real_path.file_name() else {
+            return;
+        };
+        write(&self.shared.volumes)
+            .entry(f.dev)
+            .or_default()
+            .names
+            .insert(name.to_os_string(), f.to_finding());
+    }
+
+    fn mark(&self, add: bool, scope: sys::MarkScope, path: &Path) -> io::Result<()> {
+        match self
+            .shared
+            .group
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            Some(g) => g.mark(add, scope, path),
+            None => Err(io::Error::other("the fanotify responder has stopped")),
+        }
     }
 
     /// Stop watching one credential file.
     pub fn unwatch(&mut self, f: &CredentialFile) {
         let k = (f.dev, f.ino);
-        self.shared
-            .credentials
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&k);
-        if let Some(path) = self.inode_marks.remove(&k) {
+        write(&self.shared.credentials).remove(&k);
+        if let Some(fs) = self.fs_marks.get_mut(&f.dev) {
+            fs.keys.remove(&k);
+            if fs.keys.is_empty() {
+                let fs = self.fs_marks.remove(&f.dev).expect("present");
+                write(&self.shared.volumes).remove(&f.dev);
+                {
+                    let mut creds = write(&self.shared.credentials);
+                    for d in &fs.discovered {
+                        creds.remove(d);
+                    }
+                }
+                self.forgotten.extend(fs.discovered);
+                // An unmounted volume took its mark with it.
+                if std::fs::metadata(&fs.dir).is_ok_and(|m| m.dev() == f.dev) {
+                    if let Err(e) = self.mark(false, sys::MarkScope::Filesystem, &fs.dir) {
+                        debug!(volume = %fs.dir.display(), error = %e, "removing a filesystem mark");
+                    }
+                }
+                info!(volume = %fs.dir.display(), "fanotify filesystem mark removed");
+            }
+        } else if let Some(path) = self.inode_marks.remove(&k) {
             // Gone from its path: the kernel dropped the mark at unlink.
             if key_of(&path) == Some(k) {
-                if let Some(g) = self
-                    .shared
-                    .group
-                    .read()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .as_ref()
-                {
-                    if let Err(e) = g.mark(false, sys::MarkScope::Inode, &path) {
-                        debug!(path = %path.display(), error = %e, "removing a fanotify mark");
-                    }
+                if let Err(e) = self.mark(false, sys::MarkScope::Inode, &path) {
+                    debug!(path = %path.display(), error = %e, "removing a fanotify mark");
                 }
             }
         }
         self.set_mark_gauge();
     }
 
+    /// Hand the credentials the responder found by name to the pipeline's
+    /// table and the kernel map (before their events are handled, and
+    /// before an inventory update could give the same file another id),
+    /// and drop those whose volume went away.
+    pub fn drain_discovered(
+        &mut self,
+        table: &mut CredentialTable,
+        kernel: &mut HashMap<MapData, CredentialKey, CredentialInfo>,
+    ) {
+        let found = std::mem::take(&mut *lock(&self.shared.discovered));
+        for d in found {
+            let key = CredentialKey {
+                dev: kernel_dev_from_user(d.user_key.0),
+                ino: d.user_key.1,
+            };
+            if let Some(fs) = self.fs_marks.get_mut(&d.user_key.0) {
+                if !fs.keys.contains(&d.user_key) {
+                    fs.discovered.insert(d.user_key);
+                }
+            }
+            if table.adopt(key, d.id, d.meta.clone()) {
+                if let Some(w) = table.get(&key) {
+                    let _ = kernel.insert(key, kernel_value(w), 0);
+                }
+                info!(path = %d.meta.path, kind = %d.meta.kind, pod = d.meta.owner_pod_uid.as_deref().unwrap_or("-"), id = d.id, ino = d.user_key.1, "watching credential (a new inode on a credential volume, found by fanotify before the inventory)");
+            }
+        }
+        for k in std::mem::take(&mut self.forgotten) {
+            let key = CredentialKey {
+                dev: kernel_dev_from_user(k.0),
+                ino: k.1,
+            };
+            if table.remove(&key).is_some() {
+                let _ = kernel.remove(&key);
+            }
+        }
+    }
+
     fn set_mark_gauge(&self) {
-        self.shared
-            .stats
-            .marks
-            .with_label_values(&["inode"])
+        let m = &self.shared.stats.marks;
+        m.with_label_values(&["inode"])
             .set(self.inode_marks.len() as i64);
+        m.with_label_values(&["filesystem"])
+            .set(self.fs_marks.len() as i64);
     }
 
     /// Is the responder still answering?
@@ -574,14 +735,8 @@ impl Responder {
             }
         };
         let (dev, ino) = (st.st_dev, st.st_ino);
-        let Some(id) = self
-            .shared
-            .credentials
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&(dev, ino))
-            .copied()
-        else {
+        let known = read(&self.shared.credentials).get(&(dev, ino)).copied();
+        let Some(id) = known.or_else(|| self.discover(ev.fd, &st)) else {
             return; // another file on a marked filesystem, or just unwatched
         };
         let now = boottime_ns();
@@ -628,6 +783,38 @@ impl Responder {
             Err(mpsc::error::TrySendError::Full(_)) => self.shared.stats.lost.inc(),
             Err(mpsc::error::TrySendError::Closed(_)) => {}
         }
+    }
+
+    /// An inode we do not know on a credential volume's filesystem: a
+    /// credential if its name is one of the volume's credential names
+    /// (kubelet's rotation creates `..<timestamp>/token`). Returns its new id.
+    fn discover(&self, fd: RawFd, st: &libc::stat) -> Option<u32> {
+        // A regular file still linked: an unlinked old token (re-opened
+        // through /proc/<pid>/fd/N) past its grace period stays forgotten.
+        if st.st_mode & libc::S_IFMT != libc::S_IFREG || st.st_nlink == 0 {
+            return None;
+        }
+        let meta = {
+            let volumes = read(&self.shared.volumes);
+            let vol = volumes.get(&st.st_dev)?;
+            let path = std::fs::read_link(format!("/proc/self/fd/{fd}")).ok()?;
+            vol.names.get(path.file_name()?)?.clone()
+        };
+        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let key = (st.st_dev, st.st_ino);
+        let meta = Credential {
+            inode: st.st_ino,
+            dev: kernel_dev_from_user(st.st_dev),
+            ..meta
+        };
+        // Another open of the same new inode may have raced us here.
+        let id = *write(&self.shared.credentials).entry(key).or_insert(id);
+        lock(&self.shared.discovered).push(Discovered {
+            user_key: key,
+            id,
+            meta,
+        });
+        Some(id)
     }
 
     /// What the kernel sensor does at syscall exit: the reader's thread
