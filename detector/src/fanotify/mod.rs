@@ -198,6 +198,26 @@ struct Shared {
     stats: Stats,
 }
 
+impl Shared {
+    fn new(group: Group, wake: OwnedFd, stats: Stats) -> Shared {
+        Shared {
+            group: RwLock::new(Some(group)),
+            wake,
+            stop: AtomicBool::new(false),
+            credentials: RwLock::new(StdHashMap::new()),
+            volumes: RwLock::new(StdHashMap::new()),
+            discovered: Mutex::new(Vec::new()),
+            next_id: AtomicU32::new(FIRST_DISCOVERED_ID),
+            inflight: Mutex::new(Inflight {
+                fd: -1,
+                since: Instant::now(),
+                answered: true,
+            }),
+            stats,
+        }
+    }
+}
+
 /// A volume on a filesystem of its own: its credential file names, each
 /// with the description a new inode of that name gets.
 #[derive(Clone, Debug, Default)]
@@ -275,21 +295,7 @@ impl FanotifySensor {
         let wake = sys::eventfd().map_err(Error::Start)?;
         let stats = Stats::new(registry, lost).map_err(|e| Error::Start(io::Error::other(e)))?;
         let fan = group.raw();
-        let shared = Arc::new(Shared {
-            group: RwLock::new(Some(group)),
-            wake,
-            stop: AtomicBool::new(false),
-            credentials: RwLock::new(StdHashMap::new()),
-            volumes: RwLock::new(StdHashMap::new()),
-            discovered: Mutex::new(Vec::new()),
-            next_id: AtomicU32::new(FIRST_DISCOVERED_ID),
-            inflight: Mutex::new(Inflight {
-                fd: -1,
-                since: Instant::now(),
-                answered: true,
-            }),
-            stats,
-        });
+        let shared = Arc::new(Shared::new(group, wake, stats));
         let (tx, rx) = mpsc::channel(cfg.queue.max(1));
         let mut ctx = Responder {
             shared: shared.clone(),
@@ -862,5 +868,61 @@ pub fn select(kind: crate::cli::OpenSensor) -> Result<Option<Group>, Error> {
                 Ok(None)
             }
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Privileged (fanotify permission events need CAP_SYS_ADMIN); `cargo
+    /// xtask test` runs as root.
+    #[test]
+    fn the_watchdog_answers_for_a_stuck_responder() {
+        // SAFETY: geteuid has no preconditions.
+        assert_eq!(
+            unsafe { libc::geteuid() },
+            0,
+            "needs root: fanotify permission events"
+        );
+        let path = std::env::temp_dir().join(format!("detector-watchdog-{}", std::process::id()));
+        std::fs::write(&path, b"x").unwrap();
+        let group = Group::new().unwrap();
+        group.mark(true, sys::MarkScope::Inode, &path).unwrap();
+        let fan = group.raw();
+        let registry = Registry::new();
+        let lost = IntCounter::new("lost", "lost").unwrap();
+        let stats = Stats::new(&registry, lost).unwrap();
+        let shared = Arc::new(Shared::new(group, sys::eventfd().unwrap(), stats));
+        let s = shared.clone();
+        std::thread::spawn(move || watchdog(s, Duration::from_millis(100)));
+
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let p = path.clone();
+        std::thread::spawn(move || done_tx.send(std::fs::read(&p).is_ok()).unwrap());
+        // Take the event like the responder, then never answer it.
+        let mut pfd = libc::pollfd {
+            fd: fan,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        assert_eq!(unsafe { libc::poll(&mut pfd, 1, 5000) }, 1, "no event");
+        let mut buf = vec![0u64; 512];
+        // SAFETY: reads into our buffer.
+        let n = unsafe { libc::read(fan, buf.as_mut_ptr().cast(), buf.len() * 8) };
+        assert!(n > 0);
+        // SAFETY: the kernel wrote n bytes.
+        let bytes = unsafe { std::slice::from_raw_parts(buf.as_ptr().cast::<u8>(), n as usize) };
+        let (events, err) = sys::parse(bytes);
+        assert_eq!((events.len(), err), (1, None));
+        let pending = Pending::start(&shared, fan, events[0].fd);
+        let opened = done_rx.recv_timeout(Duration::from_secs(5));
+        assert_eq!(opened, Ok(true), "the watchdog let the opener through");
+        assert_eq!(shared.stats.watchdog_answers.get(), 1);
+        drop(pending); // answered already: no second answer
+        assert_eq!(shared.stats.errors.get(), 0);
+        shared.stop.store(true, Ordering::Release);
+        let _ = std::fs::remove_file(&path);
     }
 }
