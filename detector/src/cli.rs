@@ -93,6 +93,20 @@ pub enum KillScope {
     Container,
 }
 
+/// How credential opens are seen (see README, "Credential access coverage").
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OpenSensor {
+    /// fanotify when this kernel and our privileges allow it, else tracepoint.
+    #[default]
+    Auto,
+    /// fanotify permission events on the credential files only: no syscall
+    /// tracepoint, so other syscalls pay nothing (needs CAP_SYS_ADMIN).
+    Fanotify,
+    /// Syscall-exit tracepoints of the open family (also sees pidfd_getfd).
+    Tracepoint,
+}
+
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
@@ -190,6 +204,10 @@ pub struct RunArgs {
     /// [default: found automatically among the usual paths].
     #[arg(long)]
     pub cri_socket: Option<PathBuf>,
+    /// How credential opens are seen: auto | fanotify | tracepoint
+    /// [default: auto = fanotify when available, else tracepoint].
+    #[arg(long, value_enum)]
+    pub open_sensor: Option<OpenSensor>,
 }
 
 /// The config file's shape: the `run` flags.
@@ -225,6 +243,7 @@ pub struct ConfigFile {
     #[serde(default, with = "humantime_serde")]
     pub rotation_grace: Option<Duration>,
     pub cri_socket: Option<PathBuf>,
+    pub open_sensor: Option<OpenSensor>,
     /// Finding outputs (JSON lines, webhook, syslog, OCSF); see `sinks`.
     pub sinks: Option<crate::sinks::SinksConfig>,
 }
@@ -257,6 +276,7 @@ pub struct RunSettings {
     pub rotation_grace: Duration,
     /// `None`: look for the usual sockets.
     pub cri_socket: Option<PathBuf>,
+    pub open_sensor: OpenSensor,
 }
 
 pub const DEFAULT_KUBELET_DIR: &str = "/var/lib/kubelet";
@@ -358,6 +378,7 @@ impl RunArgs {
                 .or(file.rotation_grace)
                 .unwrap_or(Duration::from_secs(120)),
             cri_socket: self.cri_socket.or(file.cri_socket),
+            open_sensor: self.open_sensor.or(file.open_sensor).unwrap_or_default(),
             stop_after: None,
         })
     }

@@ -66,7 +66,7 @@ impl CredentialTable {
 
     /// A credential a previous daemon watched under `id`: the same file
     /// gets the same id again when the inventory reports it.
-    pub fn adopt(&mut self, key: CredentialKey, id: u32) {
+    pub fn adopt_pinned(&mut self, key: CredentialKey, id: u32) {
         if id != 0 {
             self.adopted.insert(key, id);
             self.reserved.insert(id);
@@ -80,10 +80,31 @@ impl CredentialTable {
         self.adopted.drain().map(|(k, _)| k).collect()
     }
 
+    /// Takes a credential found outside the inventory (the fanotify sensor
+    /// names a rotated token's new inode before the inventory has seen it)
+    /// with the id that sensor already gave it. If the key is known under
+    /// another id, `id` becomes an alias of it. Returns whether it is new.
+    pub fn adopt(&mut self, key: CredentialKey, id: u32, meta: Credential) -> bool {
+        if self.by_key.contains_key(&key) {
+            self.by_id.entry(id).or_insert(key);
+            return false;
+        }
+        if self.by_id.contains_key(&id) {
+            return false; // id space clash; cannot happen with disjoint ranges
+        }
+        self.by_id.insert(id, key);
+        self.by_key.insert(key, Watched { id, key, meta });
+        true
+    }
+
     pub fn remove(&mut self, key: &CredentialKey) -> Option<Watched> {
         let w = self.by_key.remove(key)?;
         self.by_id.remove(&w.id);
         Some(w)
+    }
+
+    pub fn get(&self, key: &CredentialKey) -> Option<&Watched> {
+        self.by_key.get(key)
     }
 
     pub fn by_id(&self, id: u32) -> Option<&Watched> {
@@ -116,8 +137,8 @@ mod tests {
     fn adopted_ids_are_kept_and_never_reused() {
         let key = |ino| CredentialKey { dev: 1, ino };
         let mut t = CredentialTable::default();
-        t.adopt(key(10), 1);
-        t.adopt(key(11), 2);
+        t.adopt_pinned(key(10), 1);
+        t.adopt_pinned(key(11), 2);
         let (w, new) = t.upsert(key(11), meta("/b"));
         assert_eq!((w.id, new), (2, true), "same file, same id");
         let (w, _) = t.upsert(key(12), meta("/c"));
@@ -151,5 +172,23 @@ mod tests {
         t.remove(&a);
         assert!(t.by_id(ida).is_none());
         assert_eq!(t.len(), 1);
+    }
+
+    #[test]
+    fn adopted_ids_and_aliases() {
+        let mut t = CredentialTable::default();
+        let a = CredentialKey { dev: 1, ino: 10 };
+        let b = CredentialKey { dev: 1, ino: 11 };
+        assert!(t.adopt(a, 0x8000_0001, meta("/a")));
+        assert_eq!(t.get(&a).unwrap().id, 0x8000_0001);
+        // The inventory confirms it later: same id, fresh description.
+        let (w, new) = t.upsert(a, meta("/a-real"));
+        assert_eq!((w.id, new), (0x8000_0001, false));
+        // Known first by the inventory: the sensor's id becomes an alias.
+        let (wb, _) = t.upsert(b, meta("/b"));
+        let idb = wb.id;
+        assert!(!t.adopt(b, 0x8000_0002, meta("/b")));
+        assert_eq!(t.by_id(0x8000_0002).unwrap().id, idb);
+        assert_eq!(t.len(), 2);
     }
 }

@@ -30,6 +30,7 @@ use crate::{
     credentials::{kernel_value, CredentialTable},
     enforce::Enforcer,
     events::{decode, Event},
+    fanotify,
     finding::{Action, Credential, Finding, FindingKind, Workload},
     inventory::{spawn_watcher, InventoryConfig, InventoryUpdate},
     learn::Learner,
@@ -157,6 +158,11 @@ impl Pipeline {
                 return;
             }
         };
+        self.handle_event(sensors, event, now_ns);
+    }
+
+    /// One typed event, from the ring buffer or the fanotify sensor.
+    fn handle_event(&mut self, sensors: &mut Sensors, event: Event, now_ns: u64) {
         let kind = event.kind();
         if let Some(slot) = self.events_by_kind.get_mut(kind as usize) {
             let events = &self.metrics.events;
@@ -378,7 +384,7 @@ impl Pipeline {
     fn adopt(&mut self, sensors: &Sensors) {
         let mut credentials = 0;
         for (key, info) in sensors.maps.credentials.iter().filter_map(Result::ok) {
-            self.credentials.adopt(key, info.id);
+            self.credentials.adopt_pinned(key, info.id);
             credentials += 1;
         }
         self.enforcer.adopt(&sensors.maps);
@@ -480,6 +486,7 @@ pub async fn run(settings: RunSettings) -> Result<()> {
         .and_then(|b| b.kernel_offsets())
         .context("reading kernel struct offsets from /sys/kernel/btf/vmlinux (the kernel needs CONFIG_DEBUG_INFO_BTF)")?;
     debug!(?offsets, "kernel offsets");
+    let fanotify_group = fanotify::select(settings.open_sensor)?;
     let (mut sensors, rings) = Sensors::load(
         offsets,
         &SensorConfig {
@@ -490,8 +497,11 @@ pub async fn run(settings: RunSettings) -> Result<()> {
             cgroup_event_budget: settings.cgroup_event_budget,
             cgroup_alert_budget: settings.cgroup_alert_budget,
             pin_dir: settings.pin_dir.clone(),
+            open_tracepoints: fanotify_group.is_none(),
         },
     )?;
+    let (mut open_sensor, mut open_events) =
+        start_open_sensor(fanotify_group, &mut sensors, &cgroup_root, &metrics)?;
     metrics.probes_attached.set(sensors.attached.len() as i64);
     info!(programs = sensors.attached.len(), cgroup_root = %cgroup_root.display(), mode = ?settings.mode, "kernel programs attached");
 
@@ -629,8 +639,27 @@ pub async fn run(settings: RunSettings) -> Result<()> {
                 guard.clear_ready();
             }
             _ = poll.tick() => drain(alerts.get_mut(), ring.get_mut(), &mut pipeline, &mut sensors),
+            Some(msg) = recv_opt(open_events.as_mut()) => {
+                let fanotify::Message::Access(a) = msg;
+                if let Some(s) = open_sensor.as_mut() {
+                    s.drain_discovered(&mut pipeline.credentials, &mut sensors.maps.credentials);
+                }
+                // The opener's exec (and anything else before its open) is in
+                // the rings already: judge it first, in order.
+                drain(alerts.get_mut(), ring.get_mut(), &mut pipeline, &mut sensors);
+                pipeline.handle_event(&mut sensors, Event::CredentialAccess(a), boottime_ns());
+                pipeline.flush();
+            }
             Some(update) = inventory.recv() => {
-                if pipeline.apply_inventory(&mut sensors, update) && !readiness.inventory.swap(true, Ordering::AcqRel) {
+                let for_fanotify = open_sensor.as_ref().map(|_| update.clone());
+                if let Some(s) = open_sensor.as_mut() {
+                    s.drain_discovered(&mut pipeline.credentials, &mut sensors.maps.credentials);
+                }
+                let synced = pipeline.apply_inventory(&mut sensors, update);
+                if let (Some(s), Some(u)) = (open_sensor.as_mut(), for_fanotify) {
+                    s.apply_inventory(&u, &mut pipeline.credentials, &mut sensors.maps.credentials);
+                }
+                if synced && !readiness.inventory.swap(true, Ordering::AcqRel) {
                     info!(credentials = pipeline.credentials.len(), "inventory loaded; ready");
                 }
             }
@@ -670,6 +699,9 @@ pub async fn run(settings: RunSettings) -> Result<()> {
         &mut sensors,
     );
     readiness.probes.store(false, Ordering::Release);
+    // Stop answering before the maps go: closing the group lets waiting
+    // openers through.
+    drop(open_sensor.take());
     drop(alerts);
     drop(ring);
     let pinned = sensors.adopted || settings.pin_dir.is_some();
@@ -709,6 +741,46 @@ fn own_cgroup_path() -> Option<String> {
 async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
     match at {
         Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The fanotify credential-open sensor, when `group` is given: it answers
+/// on its own thread and writes holders into the kernel's HOLDERS map.
+#[allow(clippy::type_complexity)]
+fn start_open_sensor(
+    group: Option<fanotify::Group>,
+    sensors: &mut Sensors,
+    cgroup_root: &Path,
+    metrics: &Metrics,
+) -> Result<(
+    Option<fanotify::FanotifySensor>,
+    Option<tokio::sync::mpsc::Receiver<fanotify::Message>>,
+)> {
+    let Some(group) = group else {
+        info!("credential opens: open-family syscall tracepoints");
+        return Ok((None, None));
+    };
+    let lost = metrics
+        .events_lost
+        .with_label_values(&[EventKind::CredentialAccess.name()]);
+    let (s, rx) = fanotify::FanotifySensor::start(
+        group,
+        &sensors.maps.holders,
+        fanotify::Config::new(cgroup_root),
+        &metrics.registry,
+        lost,
+    )?;
+    sensors.attached.push("fanotify/FAN_OPEN_PERM".into());
+    metrics.probes_attached.set(sensors.attached.len() as i64);
+    info!("credential opens: fanotify permission events (no syscall tracepoint attached)");
+    Ok((Some(s), Some(rx)))
+}
+
+/// The next message of an optional receiver; never, without one.
+async fn recv_opt<T>(rx: Option<&mut tokio::sync::mpsc::Receiver<T>>) -> Option<T> {
+    match rx {
+        Some(rx) => rx.recv().await,
         None => std::future::pending().await,
     }
 }

@@ -3,6 +3,7 @@
 //! Module map (one responsibility each):
 //! - `btf`, `loader`: kernel offsets from BTF; load, attach and own the programs and maps
 //! - `events`: decode ring-buffer records into typed events
+//! - `fanotify`: credential opens through fanotify permission events (no syscall tracepoint)
 //! - `inventory`: credential files on the node and their owner pods
 //! - `attribution`: cgroup id -> pod / container
 //! - `policy`: workload intents (YAML) and their validation
@@ -19,6 +20,7 @@ pub mod credentials;
 pub mod daemon;
 pub mod enforce;
 pub mod events;
+pub mod fanotify;
 pub mod finding;
 pub mod inventory;
 pub mod learn;

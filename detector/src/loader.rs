@@ -64,6 +64,10 @@ pub struct SensorConfig {
     pub cgroup_alert_budget: u32,
     /// Pin links and state maps here (a bpffs directory); `None`: own them.
     pub pin_dir: Option<PathBuf>,
+    /// Attach the open-family syscall tracepoints (`FD_TRACEPOINTS`). Off
+    /// when the fanotify sensor sees credential opens instead: any syscall
+    /// tracepoint slows every syscall of every task.
+    pub open_tracepoints: bool,
 }
 
 /// Maps whose contents must survive a daemon restart when pinning.
@@ -114,7 +118,12 @@ struct PinLayout {
 }
 
 impl PinLayout {
-    fn new(root: &Path, config: &ProgramConfig, offsets: &KernelOffsets) -> PinLayout {
+    fn new(
+        root: &Path,
+        config: &ProgramConfig,
+        offsets: &KernelOffsets,
+        open_tracepoints: bool,
+    ) -> PinLayout {
         use std::mem::size_of;
         let sizes = [
             size_of::<CredentialKey>(),
@@ -131,7 +140,12 @@ impl PinLayout {
         ]
         .map(|n| n as u64);
         let maps = fnv(&[&MAP_LAYOUT_VERSION.to_le_bytes(), bytes_of(&sizes)]);
-        let links = fnv(&[OBJECT, bytes_of(config), bytes_of(offsets)]);
+        let links = fnv(&[
+            OBJECT,
+            bytes_of(config),
+            bytes_of(offsets),
+            &[open_tracepoints as u8],
+        ]);
         PinLayout {
             maps: root.join(format!("maps-{maps:016x}")),
             links: root.join(format!("links-{links:016x}")),
@@ -329,7 +343,7 @@ impl Sensors {
         };
         let pins = match &cfg.pin_dir {
             Some(root) => {
-                let layout = PinLayout::new(root, &program_config, &offsets);
+                let layout = PinLayout::new(root, &program_config, &offsets, cfg.open_tracepoints);
                 for d in [&layout.maps, &layout.links] {
                     std::fs::create_dir_all(d).with_context(|| {
                         format!("creating pin directory {} (is it on bpffs?)", d.display())
@@ -408,8 +422,10 @@ impl Sensors {
             }
             Ok(())
         };
-        for name in FD_TRACEPOINTS {
-            attach_tp(&mut ebpf, "syscalls", name)?;
+        if cfg.open_tracepoints {
+            for name in FD_TRACEPOINTS {
+                attach_tp(&mut ebpf, "syscalls", name)?;
+            }
         }
         attach_tp(&mut ebpf, "sched", "sched_process_exec")?;
         attach_tp(&mut ebpf, "cgroup", "cgroup_mkdir")?;

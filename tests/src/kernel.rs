@@ -32,6 +32,28 @@ pub fn program_ids_of(pid: u32) -> BTreeSet<u32> {
     fdinfo_ids(pid, "prog_id:")
 }
 
+/// Names of the BPF programs `pid` holds.
+pub fn program_names_of(pid: u32) -> BTreeSet<String> {
+    let ids = program_ids_of(pid);
+    aya::programs::loaded_programs()
+        .filter_map(|p| p.ok())
+        .filter(|p| ids.contains(&p.id()))
+        .filter_map(|p| p.name_as_str().map(str::to_string))
+        .collect()
+}
+
+/// Does `pid` hold a fanotify group? (Its fdinfo has `fanotify flags:`.)
+pub fn has_fanotify_group(pid: u32) -> bool {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
+        return false;
+    };
+    dir.flatten().any(|e| {
+        std::fs::read_to_string(e.path())
+            .map(|t| t.contains("fanotify flags:"))
+            .unwrap_or(false)
+    })
+}
+
 /// Ids of the BPF programs loaded in the kernel right now.
 pub fn loaded_program_ids() -> BTreeSet<u32> {
     aya::programs::loaded_programs()

@@ -231,3 +231,64 @@ fn kill_scope_container_ends_every_process_of_the_cgroup() {
         "the rest of the container is killed too"
     );
 }
+
+/// The race an asynchronous sensor would lose: one process opens the
+/// credential and connects right away, nothing in between. The holder
+/// state must already be in the kernel when the connect runs, every time.
+fn an_immediate_connect_after_the_open_is_blocked(sensor: &str) {
+    require_root();
+    let fs = Tmpfs::new("immediate");
+    let token = fs.dir.join("token");
+    std::fs::write(&token, b"t").unwrap();
+    let tok = token.to_str().unwrap();
+    let cg = TestCgroup::new("immediate");
+    let l = CountingListener::bind("127.0.0.1:0");
+    let policy = intent(&fs.dir, &cg, 1, "block");
+    let d = Daemon::start(&[
+        "--open-sensor",
+        sensor,
+        "--credential-file",
+        tok,
+        "--policy",
+        &policy,
+        "--connect-dedup-ms",
+        "0",
+    ])
+    .unwrap();
+    let port = l.addr.port().to_string();
+    let rounds = 20;
+    for i in 0..rounds {
+        let out = cg
+            .command(PROBE)
+            .args(["open-connect", tok, "127.0.0.1", &port])
+            .output()
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            format!("errno={}", libc::EPERM),
+            "round {i}: the connect right after the open must be denied"
+        );
+    }
+    assert_eq!(l.accepted(), 0, "no connection reached the listener");
+    let blocked = d.wait_findings(WAIT, |f| {
+        f["kind"] == "unexpected_destination" && f["action"] == "blocked"
+    });
+    assert!(!blocked.is_empty());
+    // Not a holder (never opened it): the intent does not apply.
+    let out = cg
+        .command(PROBE)
+        .args(["connect", "127.0.0.1", &port])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "connected");
+}
+
+#[test]
+fn an_immediate_connect_after_the_open_is_blocked_tracepoint() {
+    an_immediate_connect_after_the_open_is_blocked("tracepoint");
+}
+
+#[test]
+fn an_immediate_connect_after_the_open_is_blocked_fanotify() {
+    an_immediate_connect_after_the_open_is_blocked("fanotify");
+}

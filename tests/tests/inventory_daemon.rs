@@ -108,27 +108,60 @@ const GRACE: Duration = Duration::from_secs(4);
 
 #[test]
 fn rotation_through_the_daemon_and_pod_removal() {
-    rotation(false);
+    rotation("tracepoint", false);
 }
 
-/// The spec of the missing piece: a read of the new token in the ~30 ms
-/// between kubelet's `..data` swap and the inventory's map update has no
-/// event today (the kernel only knows inodes already in CREDENTIALS). The
-/// fix belongs in the kernel (match a watched volume's superblock or
-/// directory, not only known inodes); until then this test fails.
+/// No gap with the fanotify sensor: kubelet's volume is a tmpfs of its own,
+/// whose filesystem mark sees the new token from its creation on (named by
+/// the volume's credential file name), before the inventory's upsert.
 #[test]
-#[ignore = "known gap: reads of a rotated token before the inventory upsert (~30 ms) are not seen"]
 fn rotation_has_no_detection_gap() {
-    rotation(true);
+    rotation("fanotify", true);
 }
 
-fn rotation(strict_gap: bool) {
+/// The tracepoint sensor's known gap: a read of the new token in the ~30 ms
+/// between kubelet's `..data` swap and the inventory's map update has no
+/// event (the kernel only knows inodes already in CREDENTIALS).
+#[test]
+#[ignore = "known gap of --open-sensor tracepoint: reads of a rotated token before the inventory upsert (~30 ms) are not seen"]
+fn rotation_has_no_detection_gap_tracepoint() {
+    rotation("tracepoint", true);
+}
+
+/// A tmpfs on the volume directory, as kubelet mounts every projected and
+/// secret volume; unmounted on drop (kubelet unmounts before removing the
+/// pod's directory).
+struct VolumeMount(std::path::PathBuf);
+
+impl VolumeMount {
+    fn new(dir: &Path) -> VolumeMount {
+        let st = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=1m,mode=0755", "tmpfs"])
+            .arg(dir)
+            .status()
+            .unwrap();
+        assert!(st.success(), "mount tmpfs on {}", dir.display());
+        VolumeMount(dir.to_path_buf())
+    }
+}
+
+impl Drop for VolumeMount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+fn rotation(sensor: &str, strict_gap: bool) {
     require_root();
     let kubelet = Tmpfs::new("invd-kubelet");
     let uid = new_pod_uid();
     let pod_dir = kubelet.dir.join("pods").join(&uid);
     let vol = pod_dir.join("volumes/kubernetes.io~projected/kube-api-access-r0t8x");
     std::fs::create_dir_all(&vol).unwrap();
+    let vol_mount = VolumeMount::new(&vol);
     std::fs::create_dir_all(pod_dir.join("containers/app")).unwrap();
     let sa = |t: &'static str| [("token", t), ("ca.crt", "ca"), ("namespace", "default")];
     kubelet_atomic_write(&vol, &sa("token-1"));
@@ -136,7 +169,15 @@ fn rotation(strict_gap: bool) {
 
     let kdir = kubelet.dir.display().to_string();
     let grace = format!("{}s", GRACE.as_secs());
-    let d = Daemon::start(&["--kubelet-dir", &kdir, "--rotation-grace", &grace]).expect("daemon");
+    let d = Daemon::start(&[
+        "--open-sensor",
+        sensor,
+        "--kubelet-dir",
+        &kdir,
+        "--rotation-grace",
+        &grace,
+    ])
+    .expect("daemon");
     let dpid = d.child.id();
     let creds = credentials_of(dpid);
     let id1 = *creds
@@ -159,9 +200,11 @@ fn rotation(strict_gap: bool) {
     )
     .expect("runc container");
     let cg = c.cgroup_id.expect("container cgroup id");
-    // The init's open is seen (fd 3 on the first token).
+    // The init's open is seen (fd 3 on the first token; the fanotify
+    // sensor answers before the fd exists and reports -1).
+    let init_fd = if sensor == "fanotify" { -1 } else { 3 };
     let init_open = d.wait_events(Duration::from_secs(5), |e| {
-        e["event"] == "credential_access" && e["cgroup_id"] == cg && e["fd"] == 3
+        e["event"] == "credential_access" && e["cgroup_id"] == cg && e["fd"] == init_fd
     });
     assert_eq!(init_open[0]["ino"], k1.1, "{init_open:?}");
 
@@ -332,6 +375,7 @@ fn rotation(strict_gap: bool) {
     // The pod goes: its containers first, then kubelet removes the directory.
     drop(c);
     let t_rm = Instant::now();
+    drop(vol_mount);
     std::fs::remove_dir_all(&pod_dir).unwrap();
     let m = credentials_of(dpid);
     assert!(m.contains_key(&k2), "removed before the grace: {m:?}");

@@ -175,7 +175,15 @@ fn repeated_reads_are_aggregated_in_the_kernel_with_exact_counts() {
     let tok = fs.dir.join("token");
     std::fs::write(&tok, "t").unwrap();
     let cg = TestCgroup::new("reader");
-    let d = Daemon::start(&["--credential-file", tok.to_str().unwrap()]).unwrap();
+    // In-kernel aggregation is the tracepoint sensor's (fanotify reports
+    // every open from userspace).
+    let d = Daemon::start(&[
+        "--credential-file",
+        tok.to_str().unwrap(),
+        "--open-sensor",
+        "tracepoint",
+    ])
+    .unwrap();
 
     const N: u64 = 30_000;
     let (pid, _) = run_probe(&cg, &["open-loop", tok.to_str().unwrap(), &N.to_string()]);

@@ -104,6 +104,10 @@ fn enforcement_survives_a_daemon_kill_and_nothing_is_lost_or_duplicated() {
         "0",
         "--pin-dir",
         &pin_dir,
+        // New credential reads while the daemon is down are seen only by
+        // the pinned kernel tracepoints (a fanotify listener dies with it).
+        "--open-sensor",
+        "tracepoint",
     ];
 
     let mut first = Daemon::start_in(&files, &args).unwrap();

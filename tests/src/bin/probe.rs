@@ -5,7 +5,8 @@
 //! probe open-abs PATH | open-rel PATH | open-syscall PATH | creat PATH |
 //!       openat2 PATH | by-handle PATH | pidfd-getfd PATH | read PATH |
 //!       connect IP PORT | udp IP PORT | hold-fork PATH | sleep-then-connect MS IP PORT |
-//!       open-loop PATH N | connect-flood PATH|- N | read-connect PATH IP PORT
+//!       open-loop PATH N | connect-flood PATH|- N | read-connect PATH IP PORT |
+//!       uring-open PATH [async] | open-connect PATH IP PORT
 //! Exit status 0 on success; on a failed syscall it prints `errno=N` and exits 3.
 
 use std::{
@@ -195,6 +196,41 @@ fn main() {
             {}
             unsafe { libc::kill(pid, libc::SIGKILL) };
             unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
+        }
+        "uring-open" => {
+            // IORING_OP_OPENAT: no open-family syscall at all. `async`
+            // forces the io-wq worker thread (IOSQE_ASYNC); otherwise the
+            // kernel opens inline in io_uring_enter when it can.
+            use io_uring::{opcode, squeue, types, IoUring};
+            let path = c(&a(1));
+            let mut ring = IoUring::new(4).unwrap_or_else(|e| {
+                println!("errno={}", e.raw_os_error().unwrap_or(0));
+                std::process::exit(3)
+            });
+            let mut sqe = opcode::OpenAt::new(types::Fd(libc::AT_FDCWD), path.as_ptr())
+                .flags(libc::O_RDONLY | libc::O_CLOEXEC)
+                .build()
+                .user_data(1);
+            if args.get(2).map(String::as_str) == Some("async") {
+                sqe = sqe.flags(squeue::Flags::ASYNC);
+            }
+            // SAFETY: `path` outlives the submission (we wait for it).
+            unsafe { ring.submission().push(&sqe).expect("submission queue full") };
+            ring.submit_and_wait(1).expect("io_uring_enter");
+            let res = ring.completion().next().expect("a completion").result();
+            if res < 0 {
+                println!("errno={}", -res);
+                std::process::exit(3);
+            }
+            hold(res as i64);
+        }
+        "open-connect" => {
+            // Open the credential, then connect at once: nothing in between
+            // for an asynchronous sensor to catch up with.
+            hold(check(
+                unsafe { libc::open(c(&a(1)).as_ptr(), libc::O_RDONLY) } as i64,
+            ));
+            connect(&a(2), &a(3));
         }
         "sleep-then-connect" => {
             std::thread::sleep(Duration::from_millis(a(1).parse().unwrap()));

@@ -1,0 +1,930 @@
+//! Credential access through fanotify permission events: the open-family
+//! sensor that needs no syscall tracepoint (any attached syscall
+//! tracepoint puts every syscall of every task on the kernel's slow path).
+//!
+//! # Design
+//! A `FAN_CLASS_CONTENT` group with `FAN_OPEN_PERM` marks on the credential
+//! files only, so opening any other file costs nothing. The opener of a
+//! credential blocks in open(2) until we answer. Meanwhile it is alive and
+//! its pid cannot be reused, so we read who it is from /proc and, when the
+//! new descriptor can read, insert its thread group (and its parent, when
+//! in the same cgroup, as the kernel sensor does) into the kernel's
+//! `HOLDERS` map *before* answering. Its very next connect is therefore
+//! judged as a holder's by the cgroup programs: blocking stays race-free.
+//! We always answer `FAN_ALLOW`. A `FAN_CLASS_NOTIF` + `FAN_OPEN` group
+//! would not make the opener wait, but the opener's connect can then run
+//! before we have seen the open (and it may be gone by the time we look):
+//! see docs/BENCHMARKS.md for both measured.
+//!
+//! # Never hold an opener forever
+//! - A dedicated thread answers; it never waits on the tokio runtime. Events
+//!   go to the pipeline through a bounded channel (`try_send`: a full
+//!   channel loses the event, counted, never the answer).
+//! - Every path through the handling of an event answers `FAN_ALLOW` (a
+//!   guard answers on drop), also when /proc cannot be read.
+//! - A watchdog thread answers for the responder if one event takes longer
+//!   than `Config::watchdog`.
+//! - If the responder thread ends (error, panic), it closes the group; if
+//!   the daemon dies, the kernel closes it. Closing a group answers every
+//!   pending permission event with allow.
+//!
+//! # Marks
+//! - A projected or secret volume that kubelet mounted as a tmpfs of its own
+//!   gets one `FAN_MARK_FILESYSTEM` mark: every inode of that volume,
+//!   present and future. An open of an inode the inventory does not know
+//!   yet whose name is one of the volume's credential names (`token`) is a
+//!   credential at once: a rotated token is covered from its creation, with
+//!   no gap until the inventory's next scan, and an unlinked old token that
+//!   a process re-opens through `/proc/<pid>/fd/N` stays covered during the
+//!   grace period.
+//! - Any other credential file gets an inode mark (added and removed as the
+//!   inventory changes). The kernel drops an inode's marks when its last
+//!   link is unlinked.
+//!
+//! # What it covers
+//! Every way of opening the file: any path (symlink, hardlink, bind mount,
+//! `/proc/<pid>/root`), `open`, `openat`, `openat2`, `creat`,
+//! `open_by_handle_at`, and io_uring `IORING_OP_OPENAT`/`OPENAT2` (which no
+//! syscall tracepoint sees). Not `pidfd_getfd(2)`, which copies an already
+//! open descriptor without opening anything.
+
+mod opener;
+mod sys;
+mod volume;
+
+use std::{
+    collections::{HashMap as StdHashMap, HashSet},
+    ffi::OsString,
+    io,
+    os::{
+        fd::{AsRawFd, OwnedFd, RawFd},
+        unix::fs::MetadataExt,
+    },
+    path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicBool, AtomicU32, Ordering},
+        Arc, Mutex, MutexGuard, RwLock,
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use aya::maps::{HashMap, IterableMap, Map, MapData};
+use detector_common::{kernel_dev_from_user, CredentialInfo, CredentialKey, Holder};
+use prometheus::{IntCounter, IntGaugeVec, Opts, Registry};
+use tokio::sync::mpsc;
+use tracing::{debug, error, info, warn};
+
+pub use sys::Group;
+
+use crate::{
+    credentials::{kernel_value, CredentialTable},
+    events::{Common, CredentialAccess},
+    finding::Credential,
+    inventory::{CredentialFile, InventoryUpdate},
+};
+
+/// Ids the responder gives credentials it finds itself; the inventory's
+/// table counts up from 1, so the ranges never meet.
+const FIRST_DISCOVERED_ID: u32 = 0x8000_0000;
+
+/// `bpf_map_update_elem` flag: only if the key is absent.
+const BPF_NOEXIST: u64 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("fanotify permission events are unavailable: {0} (needs CONFIG_FANOTIFY_ACCESS_PERMISSIONS and CAP_SYS_ADMIN)")]
+    Unavailable(io::Error),
+    #[error("cannot use the kernel's HOLDERS map: {0}")]
+    Holders(String),
+    #[error("cannot start the fanotify responder: {0}")]
+    Start(io::Error),
+}
+
+/// Settings of the sensor.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The cgroup-v2 mount (`/sys/fs/cgroup/unified` on hybrid hosts).
+    pub cgroup_root: PathBuf,
+    /// Events waiting for the pipeline; beyond it they are lost (counted).
+    pub queue: usize,
+    /// Longest the responder may spend on one event before the watchdog
+    /// answers it.
+    pub watchdog: Duration,
+}
+
+impl Config {
+    pub fn new(cgroup_root: &Path) -> Config {
+        Config {
+            cgroup_root: cgroup_root.to_path_buf(),
+            queue: 8192,
+            watchdog: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Counters of the sensor, exported as Prometheus metrics.
+struct Stats {
+    permission_events: IntCounter,
+    credential_opens: IntCounter,
+    watchdog_answers: IntCounter,
+    errors: IntCounter,
+    lost: IntCounter,
+    marks: IntGaugeVec,
+}
+
+impl Stats {
+    fn new(registry: &Registry, lost: IntCounter) -> prometheus::Result<Stats> {
+        let counter = |name: &str, help: &str| -> prometheus::Result<IntCounter> {
+            let c = IntCounter::new(name, help)?;
+            registry.register(Box::new(c.clone()))?;
+            Ok(c)
+        };
+        let marks = IntGaugeVec::new(
+            Opts::new(
+                "detector_fanotify_marks",
+                "fanotify marks on credential files, by scope.",
+            ),
+            &["scope"],
+        )?;
+        registry.register(Box::new(marks.clone()))?;
+        marks.with_label_values(&["inode"]);
+        marks.with_label_values(&["filesystem"]);
+        Ok(Stats {
+            permission_events: counter(
+                "detector_fanotify_permission_events_total",
+                "Open permission events answered (credential files and others on a marked filesystem).",
+            )?,
+            credential_opens: counter(
+                "detector_fanotify_credential_opens_total",
+                "Opens of a watched credential file seen by fanotify.",
+            )?,
+            watchdog_answers: counter(
+                "detector_fanotify_watchdog_answers_total",
+                "Permission events the watchdog answered because the responder took too long.",
+            )?,
+            errors: counter(
+                "detector_fanotify_errors_total",
+                "Permission events whose opener could not be read from /proc (answered, allowed).",
+            )?,
+            lost,
+            marks,
+        })
+    }
+}
+
+/// The event being handled, for the watchdog.
+struct Inflight {
+    fd: RawFd,
+    since: Instant,
+    answered: bool,
+}
+
+struct Shared {
+    /// `None` once the responder has ended (closing the group releases
+    /// every waiting opener).
+    group: RwLock<Option<Group>>,
+    /// Wakes the responder's poll to stop.
+    wake: OwnedFd,
+    stop: AtomicBool,
+    /// (st_dev as stat gives it, ino) -> credential id.
+    credentials: RwLock<StdHashMap<(u64, u64), u32>>,
+    /// Filesystems marked whole (st_dev) -> credential file names on them.
+    volumes: RwLock<StdHashMap<u64, Volume>>,
+    /// Credentials the responder found by name, for the pipeline's table.
+    discovered: Mutex<Vec<Discovered>>,
+    next_id: AtomicU32,
+    inflight: Mutex<Inflight>,
+    stats: Stats,
+}
+
+impl Shared {
+    fn new(group: Group, wake: OwnedFd, stats: Stats) -> Shared {
+        Shared {
+            group: RwLock::new(Some(group)),
+            wake,
+            stop: AtomicBool::new(false),
+            credentials: RwLock::new(StdHashMap::new()),
+            volumes: RwLock::new(StdHashMap::new()),
+            discovered: Mutex::new(Vec::new()),
+            next_id: AtomicU32::new(FIRST_DISCOVERED_ID),
+            inflight: Mutex::new(Inflight {
+                fd: -1,
+                since: Instant::now(),
+                answered: true,
+            }),
+            stats,
+        }
+    }
+}
+
+/// A volume on a filesystem of its own: its credential file names, each
+/// with the description a new inode of that name gets.
+#[derive(Clone, Debug, Default)]
+struct Volume {
+    names: StdHashMap<OsString, Credential>,
+}
+
+/// A credential the responder found before the inventory did.
+#[derive(Clone, Debug)]
+struct Discovered {
+    user_key: (u64, u64),
+    id: u32,
+    meta: Credential,
+}
+
+/// Our bookkeeping of one `FAN_MARK_FILESYSTEM` mark.
+struct FsMark {
+    dir: PathBuf,
+    /// Inventory credentials on it; the mark goes with the last one.
+    keys: HashSet<(u64, u64)>,
+    /// Credentials found by name on it that the inventory has not (yet)
+    /// confirmed.
+    discovered: HashSet<(u64, u64)>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(|e| e.into_inner())
+}
+
+fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(|e| e.into_inner())
+}
+
+/// What the sensor hands the pipeline.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Message {
+    Access(CredentialAccess),
+}
+
+/// The running sensor. Dropping it stops the responder and closes the group.
+pub struct FanotifySensor {
+    shared: Arc<Shared>,
+    responder: Option<JoinHandle<()>>,
+    /// Inode marks we added: credential -> the path marked.
+    inode_marks: StdHashMap<(u64, u64), PathBuf>,
+    /// Filesystem marks, by st_dev.
+    fs_marks: StdHashMap<u64, FsMark>,
+    /// Found credentials whose filesystem mark is gone: to drop from the
+    /// pipeline's table at the next drain.
+    forgotten: Vec<(u64, u64)>,
+}
+
+/// Is the permission sensor usable here? Returns the group to use.
+pub fn open_group() -> Result<Group, Error> {
+    Group::new().map_err(Error::Unavailable)
+}
+
+impl FanotifySensor {
+    /// Start answering on `group`. `holders` is the kernel's HOLDERS map
+    /// (its descriptor is duplicated for the responder thread); `lost`
+    /// counts events the pipeline could not take.
+    pub fn start(
+        group: Group,
+        holders: &HashMap<MapData, u32, Holder>,
+        cfg: Config,
+        registry: &Registry,
+        lost: IntCounter,
+    ) -> Result<(FanotifySensor, mpsc::Receiver<Message>), Error> {
+        let holders = clone_holders(holders)?;
+        let proc = opener::ProcReader::new(&cfg.cgroup_root).map_err(Error::Start)?;
+        let wake = sys::eventfd().map_err(Error::Start)?;
+        let stats = Stats::new(registry, lost).map_err(|e| Error::Start(io::Error::other(e)))?;
+        let fan = group.raw();
+        let shared = Arc::new(Shared::new(group, wake, stats));
+        let (tx, rx) = mpsc::channel(cfg.queue.max(1));
+        let mut ctx = Responder {
+            shared: shared.clone(),
+            fan,
+            holders,
+            proc,
+            tx,
+            own_tgid: std::process::id(),
+        };
+        let s = shared.clone();
+        let responder = std::thread::Builder::new()
+            .name("fanotify".into())
+            .spawn(move || {
+                let outcome =
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| ctx.run()));
+                if outcome.is_err() {
+                    error!("the fanotify responder panicked; closing its group (waiting openers are allowed)");
+                }
+                // Closing the group answers every pending event with allow.
+                *s.group.write().unwrap_or_else(|e| e.into_inner()) = None;
+            })
+            .map_err(Error::Start)?;
+        let s = shared.clone();
+        let limit = cfg.watchdog;
+        std::thread::Builder::new()
+            .name("fanotify-watchdog".into())
+            .spawn(move || watchdog(s, limit))
+            .map_err(Error::Start)?;
+        info!("fanotify permission sensor started (FAN_OPEN_PERM on credential files)");
+        Ok((
+            FanotifySensor {
+                shared,
+                responder: Some(responder),
+                inode_marks: StdHashMap::new(),
+                fs_marks: StdHashMap::new(),
+                forgotten: Vec::new(),
+            },
+            rx,
+        ))
+    }
+
+    /// Follow the inventory. Call after the pipeline applied `update` to
+    /// `table` (which gives the credential ids); `kernel` is the kernel's
+    /// credentials map, kept equal to `table`.
+    pub fn apply_inventory(
+        &mut self,
+        update: &InventoryUpdate,
+        table: &mut CredentialTable,
+        kernel: &mut HashMap<MapData, CredentialKey, CredentialInfo>,
+    ) {
+        match update {
+            InventoryUpdate::Upsert(f) => {
+                let key = CredentialKey {
+                    dev: kernel_dev_from_user(f.dev),
+                    ino: f.ino,
+                };
+                match table.get(&key) {
+                    Some(w) => self.watch(f, w.id),
+                    None => {
+                        warn!(path = %f.real_path.display(), "credential not in the table; not watched by fanotify")
+                    }
+                }
+            }
+            InventoryUpdate::Remove(f) => self.unwatch(f),
+            InventoryUpdate::Synced => {}
+        }
+        self.drain_discovered(table, kernel);
+    }
+
+    /// Watch one credential file (idempotent).
+    pub fn watch(&mut self, f: &CredentialFile, id: u32) {
+        let k = (f.dev, f.ino);
+        // The id first: an event on the new mark must find it.
+        write(&self.shared.credentials).insert(k, id);
+        if let Some(fs) = self.fs_marks.get_mut(&f.dev) {
+            fs.keys.insert(k);
+            fs.discovered.remove(&k);
+            self.add_volume_name(f);
+            return;
+        }
+        if self.inode_marks.contains_key(&k) {
+            return;
+        }
+        if let Some(dir) = volume::dedicated_tmpfs(f) {
+            self.add_volume_name(f);
+            match self.mark(true, sys::MarkScope::Filesystem, &dir) {
+                Ok(()) => {
+                    info!(volume = %dir.display(), "fanotify filesystem mark on a credential volume");
+                    self.fs_marks.insert(
+                        f.dev,
+                        FsMark {
+                            dir,
+                            keys: HashSet::from([k]),
+                            discovered: HashSet::new(),
+                        },
+                    );
+                    self.set_mark_gauge();
+                    return;
+                }
+                Err(e) => {
+                    write(&self.shared.volumes).remove(&f.dev);
+                    warn!(volume = %dir.display(), error = %e, "no filesystem mark; marking the file only");
+                }
+            }
+        }
+        let path = &f.real_path;
+        if let Err(e) = self.mark(true, sys::MarkScope::Inode, path) {
+            error!(path = %path.display(), error = %e, "cannot add a fanotify mark; opens of this credential are not seen");
+            return;
+        }
+        // The path may have been replaced between the inventory's stat and
+        // the mark: keep a mark only on the inode the inventory named.
+        if key_of(path) != Some(k) {
+            let _ = self.mark(false, sys::MarkScope::Inode, path);
+            warn!(path = %path.display(), "credential file replaced while marking; the inventory will report the new one");
+            return;
+        }
+        debug!(path = %path.display(), id, "fanotify inode mark added");
+        self.inode_marks.insert(k, path.clone());
+        self.set_mark_gauge();
+    }
+
+    /// The file's name becomes a credential name of its volume.
+    fn add_volume_name(&self, f: &CredentialFile) {
+        let Some(name) = f.real_path.file_name() else {
+            return;
+        };
+        write(&self.shared.volumes)
+            .entry(f.dev)
+            .or_default()
+            .names
+            .insert(name.to_os_string(), f.to_finding());
+    }
+
+    fn mark(&self, add: bool, scope: sys::MarkScope, path: &Path) -> io::Result<()> {
+        match self
+            .shared
+            .group
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            Some(g) => g.mark(add, scope, path),
+            None => Err(io::Error::other("the fanotify responder has stopped")),
+        }
+    }
+
+    /// Stop watching one credential file.
+    pub fn unwatch(&mut self, f: &CredentialFile) {
+        let k = (f.dev, f.ino);
+        write(&self.shared.credentials).remove(&k);
+        if let Some(fs) = self.fs_marks.get_mut(&f.dev) {
+            fs.keys.remove(&k);
+            if fs.keys.is_empty() {
+                let fs = self.fs_marks.remove(&f.dev).expect("present");
+                write(&self.shared.volumes).remove(&f.dev);
+                {
+                    let mut creds = write(&self.shared.credentials);
+                    for d in &fs.discovered {
+                        creds.remove(d);
+                    }
+                }
+                self.forgotten.extend(fs.discovered);
+                // An unmounted volume took its mark with it.
+                if std::fs::metadata(&fs.dir).is_ok_and(|m| m.dev() == f.dev) {
+                    if let Err(e) = self.mark(false, sys::MarkScope::Filesystem, &fs.dir) {
+                        debug!(volume = %fs.dir.display(), error = %e, "removing a filesystem mark");
+                    }
+                }
+                info!(volume = %fs.dir.display(), "fanotify filesystem mark removed");
+            }
+        } else if let Some(path) = self.inode_marks.remove(&k) {
+            // Gone from its path: the kernel dropped the mark at unlink.
+            if key_of(&path) == Some(k) {
+                if let Err(e) = self.mark(false, sys::MarkScope::Inode, &path) {
+                    debug!(path = %path.display(), error = %e, "removing a fanotify mark");
+                }
+            }
+        }
+        self.set_mark_gauge();
+    }
+
+    /// Hand the credentials the responder found by name to the pipeline's
+    /// table and the kernel map (before their events are handled, and
+    /// before an inventory update could give the same file another id),
+    /// and drop those whose volume went away.
+    pub fn drain_discovered(
+        &mut self,
+        table: &mut CredentialTable,
+        kernel: &mut HashMap<MapData, CredentialKey, CredentialInfo>,
+    ) {
+        let found = std::mem::take(&mut *lock(&self.shared.discovered));
+        for d in found {
+            let key = CredentialKey {
+                dev: kernel_dev_from_user(d.user_key.0),
+                ino: d.user_key.1,
+            };
+            if let Some(fs) = self.fs_marks.get_mut(&d.user_key.0) {
+                if !fs.keys.contains(&d.user_key) {
+                    fs.discovered.insert(d.user_key);
+                }
+            }
+            if table.adopt(key, d.id, d.meta.clone()) {
+                if let Some(w) = table.get(&key) {
+                    let _ = kernel.insert(key, kernel_value(w), 0);
+                }
+                info!(path = %d.meta.path, kind = %d.meta.kind, pod = d.meta.owner_pod_uid.as_deref().unwrap_or("-"), id = d.id, ino = d.user_key.1, "watching credential (a new inode on a credential volume, found by fanotify before the inventory)");
+            }
+        }
+        for k in std::mem::take(&mut self.forgotten) {
+            let key = CredentialKey {
+                dev: kernel_dev_from_user(k.0),
+                ino: k.1,
+            };
+            if table.remove(&key).is_some() {
+                let _ = kernel.remove(&key);
+            }
+        }
+    }
+
+    fn set_mark_gauge(&self) {
+        let m = &self.shared.stats.marks;
+        m.with_label_values(&["inode"])
+            .set(self.inode_marks.len() as i64);
+        m.with_label_values(&["filesystem"])
+            .set(self.fs_marks.len() as i64);
+    }
+
+    /// Is the responder still answering?
+    pub fn alive(&self) -> bool {
+        self.shared
+            .group
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
+    }
+}
+
+impl Drop for FanotifySensor {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Release);
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes to our eventfd.
+        unsafe { libc::write(self.shared.wake.as_raw_fd(), (&one as *const u64).cast(), 8) };
+        if let Some(h) = self.responder.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+fn key_of(path: &Path) -> Option<(u64, u64)> {
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
+/// A handle of our own on the kernel's HOLDERS map (a duplicated fd), for
+/// the responder thread.
+fn clone_holders(
+    holders: &HashMap<MapData, u32, Holder>,
+) -> Result<HashMap<MapData, u32, Holder>, Error> {
+    use std::os::fd::AsFd;
+    let fd = holders
+        .map()
+        .fd()
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|e| Error::Holders(e.to_string()))?;
+    let data = MapData::from_fd(fd).map_err(|e| Error::Holders(e.to_string()))?;
+    HashMap::try_from(Map::LruHashMap(data)).map_err(|e| Error::Holders(e.to_string()))
+}
+
+/// Boot-time clock in ns (what `bpf_ktime_get_boot_ns` and events use).
+fn boottime_ns() -> u64 {
+    crate::daemon::boottime_ns()
+}
+
+/// Answers the permission event `fd` exactly once, at the latest on drop,
+/// and closes our descriptor of the file.
+struct Pending<'a> {
+    shared: &'a Shared,
+    fan: RawFd,
+    fd: RawFd,
+}
+
+impl<'a> Pending<'a> {
+    fn start(shared: &'a Shared, fan: RawFd, fd: RawFd) -> Pending<'a> {
+        *lock(&shared.inflight) = Inflight {
+            fd,
+            since: Instant::now(),
+            answered: false,
+        };
+        Pending { shared, fan, fd }
+    }
+
+    fn answer_locked(&self, inf: &mut Inflight) {
+        if !inf.answered {
+            if let Err(e) = sys::allow(self.fan, self.fd) {
+                // ENOENT: the group no longer knows the event (cannot be
+                // for a live group). Nothing else to do: never deny.
+                warn!(error = %e, "answering a fanotify permission event");
+                self.shared.stats.errors.inc();
+            }
+            inf.answered = true;
+        }
+    }
+
+    fn answer(&self) {
+        let mut inf = lock(&self.shared.inflight);
+        self.answer_locked(&mut inf);
+    }
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        // Under the lock: the watchdog never answers a closed (and maybe
+        // reused) descriptor number.
+        let mut inf = lock(&self.shared.inflight);
+        self.answer_locked(&mut inf);
+        // SAFETY: the kernel gave us this descriptor with the event; we
+        // close it exactly once.
+        unsafe { libc::close(self.fd) };
+        inf.fd = -1;
+        inf.answered = true;
+    }
+}
+
+fn watchdog(shared: Arc<Shared>, limit: Duration) {
+    let tick = (limit / 4).clamp(Duration::from_millis(10), Duration::from_millis(250));
+    while !shared.stop.load(Ordering::Acquire) {
+        std::thread::sleep(tick);
+        let mut inf = lock(&shared.inflight);
+        if inf.fd < 0 || inf.answered || inf.since.elapsed() < limit {
+            continue;
+        }
+        let group = shared.group.read().unwrap_or_else(|e| e.into_inner());
+        let Some(g) = group.as_ref() else { return };
+        match sys::allow(g.raw(), inf.fd) {
+            Ok(()) => {
+                shared.stats.watchdog_answers.inc();
+                warn!(after = ?inf.since.elapsed(), "fanotify responder too slow; the watchdog allowed the open");
+            }
+            Err(e) => warn!(error = %e, "watchdog answer failed"),
+        }
+        inf.answered = true;
+    }
+}
+
+/// The responder thread's state.
+struct Responder {
+    shared: Arc<Shared>,
+    fan: RawFd,
+    holders: HashMap<MapData, u32, Holder>,
+    proc: opener::ProcReader,
+    tx: mpsc::Sender<Message>,
+    own_tgid: u32,
+}
+
+impl Responder {
+    fn run(&mut self) {
+        opener::join_host_cgroup_ns_if_needed();
+        // Room for many events per read; u64 for the metadata's alignment.
+        let mut buf = vec![0u64; 4096];
+        loop {
+            if self.shared.stop.load(Ordering::Acquire) {
+                return;
+            }
+            let mut fds = [
+                libc::pollfd {
+                    fd: self.fan,
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: self.shared.wake.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+            ];
+            // SAFETY: two valid pollfds on the stack.
+            let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, 1000) };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                error!(error = %e, "poll on the fanotify group failed; stopping the sensor");
+                return;
+            }
+            if fds[0].revents == 0 {
+                continue;
+            }
+            loop {
+                let bytes = buf.len() * 8;
+                // SAFETY: reads at most `bytes` into our buffer.
+                let n = unsafe { libc::read(self.fan, buf.as_mut_ptr().cast(), bytes) };
+                if n < 0 {
+                    let e = io::Error::last_os_error();
+                    match e.raw_os_error() {
+                        Some(libc::EAGAIN) => break,
+                        Some(libc::EINTR) => continue,
+                        _ => {
+                            error!(error = %e, "reading the fanotify group failed; stopping the sensor");
+                            return;
+                        }
+                    }
+                }
+                // SAFETY: the kernel wrote `n` bytes of our u64 buffer.
+                let data =
+                    unsafe { std::slice::from_raw_parts(buf.as_ptr().cast::<u8>(), n as usize) };
+                let (events, err) = sys::parse(data);
+                for ev in events {
+                    self.handle(ev);
+                }
+                if let Some(e) = err {
+                    // Events after this point cannot be found: stop, and
+                    // closing the group allows every one of them.
+                    error!(error = %e, "unreadable fanotify event; stopping the sensor");
+                    return;
+                }
+            }
+        }
+    }
+
+    fn handle(&mut self, ev: sys::RawEvent) {
+        if ev.fd < 0 {
+            // FAN_NOFD: a queue overflow (cannot happen with our
+            // unlimited queue, but never ignore it silently).
+            self.shared.stats.lost.inc();
+            warn!("fanotify queue overflow: credential opens may have been missed");
+            return;
+        }
+        let shared = self.shared.clone();
+        let pending = Pending::start(&shared, self.fan, ev.fd);
+        self.shared.stats.permission_events.inc();
+        if ev.mask & libc::FAN_OPEN_PERM == 0 {
+            return;
+        }
+        let st = match sys::fstat(ev.fd) {
+            Ok(st) => st,
+            Err(e) => {
+                debug!(error = %e, "fstat of a fanotify event fd");
+                self.shared.stats.errors.inc();
+                return;
+            }
+        };
+        let (dev, ino) = (st.st_dev, st.st_ino);
+        let known = read(&self.shared.credentials).get(&(dev, ino)).copied();
+        let Some(id) = known.or_else(|| self.discover(ev.fd, &st)) else {
+            return; // another file on a marked filesystem, or just unwatched
+        };
+        let now = boottime_ns();
+        let tid = ev.tid as u32;
+        let o = match self.proc.opener(tid) {
+            Ok(o) => o,
+            Err(e) => {
+                debug!(tid, error = %e, "reading the opener of a credential");
+                self.shared.stats.errors.inc();
+                return;
+            }
+        };
+        if o.status.tgid == self.own_tgid {
+            return;
+        }
+        if o.access.readable {
+            self.make_holders(&o, id, now);
+        }
+        pending.answer();
+        drop(pending);
+        self.shared.stats.credential_opens.inc();
+        let ev = CredentialAccess {
+            common: Common {
+                time_ns: now,
+                pid: tid,
+                tgid: o.status.tgid,
+                cgroup_id: o.cgroup_id,
+            },
+            ppid: o.status.ppid,
+            uid: o.status.uid,
+            gid: o.status.gid,
+            comm: o.status.comm,
+            credential_id: id,
+            dev: kernel_dev_from_user(dev),
+            ino,
+            route: o.access.route,
+            // Not installed yet while the opener waits for us.
+            fd: -1,
+            readable: o.access.readable,
+            writable: o.access.writable,
+            // Every open is answered, and reported, one by one.
+            repeats: 0,
+        };
+        match self.tx.try_send(Message::Access(ev)) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => self.shared.stats.lost.inc(),
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
+        }
+    }
+
+    /// An inode we do not know on a credential volume's filesystem: a
+    /// credential if its name is one of the volume's credential names
+    /// (kubelet's rotation creates `..<timestamp>/token`). Returns its new id.
+    fn discover(&self, fd: RawFd, st: &libc::stat) -> Option<u32> {
+        // A regular file still linked: an unlinked old token (re-opened
+        // through /proc/<pid>/fd/N) past its grace period stays forgotten.
+        if st.st_mode & libc::S_IFMT != libc::S_IFREG || st.st_nlink == 0 {
+            return None;
+        }
+        let meta = {
+            let volumes = read(&self.shared.volumes);
+            let vol = volumes.get(&st.st_dev)?;
+            let path = std::fs::read_link(format!("/proc/self/fd/{fd}")).ok()?;
+            vol.names.get(path.file_name()?)?.clone()
+        };
+        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let key = (st.st_dev, st.st_ino);
+        let meta = Credential {
+            inode: st.st_ino,
+            dev: kernel_dev_from_user(st.st_dev),
+            ..meta
+        };
+        // Another open of the same new inode may have raced us here.
+        let id = *write(&self.shared.credentials).entry(key).or_insert(id);
+        lock(&self.shared.discovered).push(Discovered {
+            user_key: key,
+            id,
+            meta,
+        });
+        Some(id)
+    }
+
+    /// What the kernel sensor does at syscall exit: the reader's thread
+    /// group holds the credential, and so does its parent when in the same
+    /// cgroup (`TOKEN=$(cat token); curl …`) and not a holder already.
+    fn make_holders(&mut self, o: &opener::Opener, id: u32, now: u64) {
+        let tgid = o.status.tgid;
+        let holder = Holder {
+            credential_id: id,
+            origin_tgid: tgid,
+            since_ns: now,
+        };
+        if let Err(e) = self.holders.insert(tgid, holder, 0) {
+            error!(tgid, error = %e, "cannot record a credential holder in the kernel map");
+        }
+        let p = o.status.ppid;
+        if p <= 1 || p == tgid || self.holders.get(&p, 0).is_ok() {
+            return;
+        }
+        if o.cgroup_id == 0 {
+            return; // our own view of its cgroup failed; don't guess
+        }
+        match self.proc.cgroup_path(p) {
+            Ok(path) if path == o.cgroup_path => {
+                // NOEXIST: never overwrite what the kernel recorded meanwhile.
+                let _ = self.holders.insert(p, holder, BPF_NOEXIST);
+            }
+            _ => {}
+        }
+    }
+}
+
+/// `--open-sensor`: the fanotify group to use, or `None` for the
+/// tracepoints. `auto` falls back (with a warning) where fanotify
+/// permission events are unavailable; `fanotify` insists.
+pub fn select(kind: crate::cli::OpenSensor) -> Result<Option<Group>, Error> {
+    use crate::cli::OpenSensor;
+    match kind {
+        OpenSensor::Tracepoint => Ok(None),
+        OpenSensor::Fanotify => open_group().map(Some),
+        OpenSensor::Auto => match open_group() {
+            Ok(g) => Ok(Some(g)),
+            Err(e) => {
+                warn!(error = %e, "falling back to the open-family syscall tracepoints (every syscall pays for them)");
+                Ok(None)
+            }
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Privileged (fanotify permission events need CAP_SYS_ADMIN); `cargo
+    /// xtask test` runs as root.
+    #[test]
+    fn the_watchdog_answers_for_a_stuck_responder() {
+        // SAFETY: geteuid has no preconditions.
+        assert_eq!(
+            unsafe { libc::geteuid() },
+            0,
+            "needs root: fanotify permission events"
+        );
+        let path = std::env::temp_dir().join(format!("detector-watchdog-{}", std::process::id()));
+        std::fs::write(&path, b"x").unwrap();
+        let group = Group::new().unwrap();
+        group.mark(true, sys::MarkScope::Inode, &path).unwrap();
+        let fan = group.raw();
+        let registry = Registry::new();
+        let lost = IntCounter::new("lost", "lost").unwrap();
+        let stats = Stats::new(&registry, lost).unwrap();
+        let shared = Arc::new(Shared::new(group, sys::eventfd().unwrap(), stats));
+        let s = shared.clone();
+        std::thread::spawn(move || watchdog(s, Duration::from_millis(100)));
+
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let p = path.clone();
+        std::thread::spawn(move || done_tx.send(std::fs::read(&p).is_ok()).unwrap());
+        // Take the event like the responder, then never answer it.
+        let mut pfd = libc::pollfd {
+            fd: fan,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        assert_eq!(unsafe { libc::poll(&mut pfd, 1, 5000) }, 1, "no event");
+        let mut buf = vec![0u64; 512];
+        // SAFETY: reads into our buffer.
+        let n = unsafe { libc::read(fan, buf.as_mut_ptr().cast(), buf.len() * 8) };
+        assert!(n > 0);
+        // SAFETY: the kernel wrote n bytes.
+        let bytes = unsafe { std::slice::from_raw_parts(buf.as_ptr().cast::<u8>(), n as usize) };
+        let (events, err) = sys::parse(bytes);
+        assert_eq!((events.len(), err), (1, None));
+        let pending = Pending::start(&shared, fan, events[0].fd);
+        let opened = done_rx.recv_timeout(Duration::from_secs(5));
+        assert_eq!(opened, Ok(true), "the watchdog let the opener through");
+        assert_eq!(shared.stats.watchdog_answers.get(), 1);
+        drop(pending); // answered already: no second answer
+        assert_eq!(shared.stats.errors.get(), 0);
+        shared.stop.store(true, Ordering::Release);
+        let _ = std::fs::remove_file(&path);
+    }
+}
