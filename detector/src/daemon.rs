@@ -404,8 +404,7 @@ pub async fn run(settings: RunSettings) -> Result<()> {
             open_tracepoints: fanotify_group.is_none(),
         },
     )?;
-    let (mut open_sensor, mut open_events) =
-        start_open_sensor(fanotify_group, &mut sensors, &cgroup_root, &metrics)?;
+    let mut open_sensor = start_open_sensor(fanotify_group, &mut sensors, &cgroup_root, &metrics)?;
     metrics.probes_attached.set(sensors.attached.len() as i64);
     info!(programs = sensors.attached.len(), cgroup_root = %cgroup_root.display(), mode = ?settings.mode, "kernel programs attached");
 
@@ -509,14 +508,9 @@ pub async fn run(settings: RunSettings) -> Result<()> {
                 drain(guard.get_inner_mut(), &mut pipeline, &mut sensors);
                 guard.clear_ready();
             }
-            _ = poll.tick() => drain(ring.get_mut(), &mut pipeline, &mut sensors),
-            Some(msg) = recv_opt(open_events.as_mut()) => {
-                let fanotify::Message::Access(a) = msg;
-                if let Some(s) = open_sensor.as_mut() {
-                    s.drain_discovered(&mut pipeline.credentials, &mut sensors.maps.credentials);
-                }
-                pipeline.handle_event(&mut sensors, Event::CredentialAccess(a), boottime_ns());
-                pipeline.flush();
+            _ = poll.tick() => {
+                drain(ring.get_mut(), &mut pipeline, &mut sensors);
+                drain_open_sensor(open_sensor.as_mut(), &mut pipeline, &mut sensors);
             }
             Some(update) = inventory.recv() => {
                 let for_fanotify = open_sensor.as_ref().map(|_| update.clone());
@@ -561,6 +555,7 @@ pub async fn run(settings: RunSettings) -> Result<()> {
         }
     }
     drain(ring.get_mut(), &mut pipeline, &mut sensors);
+    drain_open_sensor(open_sensor.as_mut(), &mut pipeline, &mut sensors);
     readiness.probes.store(false, Ordering::Release);
     // Stop answering before the maps go: closing the group lets waiting
     // openers through.
@@ -604,24 +599,20 @@ async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
 
 /// The fanotify credential-open sensor, when `group` is given: it answers
 /// on its own thread and writes holders into the kernel's HOLDERS map.
-#[allow(clippy::type_complexity)]
 fn start_open_sensor(
     group: Option<fanotify::Group>,
     sensors: &mut Sensors,
     cgroup_root: &Path,
     metrics: &Metrics,
-) -> Result<(
-    Option<fanotify::FanotifySensor>,
-    Option<tokio::sync::mpsc::Receiver<fanotify::Message>>,
-)> {
+) -> Result<Option<fanotify::FanotifySensor>> {
     let Some(group) = group else {
         info!("credential opens: open-family syscall tracepoints");
-        return Ok((None, None));
+        return Ok(None);
     };
     let lost = metrics
         .events_lost
         .with_label_values(&[EventKind::CredentialAccess.name()]);
-    let (s, rx) = fanotify::FanotifySensor::start(
+    let s = fanotify::FanotifySensor::start(
         group,
         &sensors.maps.holders,
         fanotify::Config::new(cgroup_root),
@@ -631,14 +622,28 @@ fn start_open_sensor(
     sensors.attached.push("fanotify/FAN_OPEN_PERM".into());
     metrics.probes_attached.set(sensors.attached.len() as i64);
     info!("credential opens: fanotify permission events (no syscall tracepoint attached)");
-    Ok((Some(s), Some(rx)))
+    Ok(Some(s))
 }
 
-/// The next message of an optional receiver; never, without one.
-async fn recv_opt<T>(rx: Option<&mut tokio::sync::mpsc::Receiver<T>>) -> Option<T> {
-    match rx {
-        Some(rx) => rx.recv().await,
-        None => std::future::pending().await,
+/// The fanotify sensor's credential accesses, like `drain` for the ring.
+fn drain_open_sensor(
+    sensor: Option<&mut fanotify::FanotifySensor>,
+    pipeline: &mut Pipeline,
+    sensors: &mut Sensors,
+) {
+    let Some(s) = sensor else { return };
+    s.drain_discovered(&mut pipeline.credentials, &mut sensors.maps.credentials);
+    let now = boottime_ns();
+    let mut n = 0;
+    while let Some(a) = s.next_access(&mut pipeline.credentials, &mut sensors.maps.credentials) {
+        pipeline.handle_event(sensors, Event::CredentialAccess(a), now);
+        n += 1;
+        if n >= 65536 {
+            break; // the next tick resumes
+        }
+    }
+    if n > 0 {
+        pipeline.flush();
     }
 }
 
