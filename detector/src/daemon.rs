@@ -131,6 +131,8 @@ struct Pipeline {
     lost_seen: Vec<u64>,
     coverage: Coverage,
     batch: Batch,
+    /// Credential opens from the fanotify sensor, merged into `batch` by time.
+    opens: Vec<crate::events::CredentialAccess>,
     correlator: Correlator,
     learner: Learner,
     declared: Arc<IntentSet>,
@@ -500,8 +502,7 @@ pub async fn run(settings: RunSettings) -> Result<()> {
             open_tracepoints: fanotify_group.is_none(),
         },
     )?;
-    let (mut open_sensor, mut open_events) =
-        start_open_sensor(fanotify_group, &mut sensors, &cgroup_root, &metrics)?;
+    let mut open_sensor = start_open_sensor(fanotify_group, &mut sensors, &cgroup_root, &metrics)?;
     metrics.probes_attached.set(sensors.attached.len() as i64);
     info!(programs = sensors.attached.len(), cgroup_root = %cgroup_root.display(), mode = ?settings.mode, "kernel programs attached");
 
@@ -565,6 +566,7 @@ pub async fn run(settings: RunSettings) -> Result<()> {
         lost_seen: Vec::new(),
         coverage: Coverage::default(),
         batch: Batch::default(),
+        opens: Vec::new(),
         correlator,
         learner: Learner::new(settings.learn_window.as_nanos() as u64),
         declared: Arc::new(IntentSet::new(Vec::new())),
@@ -630,25 +632,16 @@ pub async fn run(settings: RunSettings) -> Result<()> {
             biased;
             guard = alerts.readable_mut() => {
                 let mut guard = guard?;
-                drain(guard.get_inner_mut(), ring.get_mut(), &mut pipeline, &mut sensors);
+                drain(guard.get_inner_mut(), ring.get_mut(), open_sensor.as_mut(), &mut pipeline, &mut sensors);
                 guard.clear_ready();
             }
             guard = ring.readable_mut() => {
                 let mut guard = guard?;
-                drain(alerts.get_mut(), guard.get_inner_mut(), &mut pipeline, &mut sensors);
+                drain(alerts.get_mut(), guard.get_inner_mut(), open_sensor.as_mut(), &mut pipeline, &mut sensors);
                 guard.clear_ready();
             }
-            _ = poll.tick() => drain(alerts.get_mut(), ring.get_mut(), &mut pipeline, &mut sensors),
-            Some(msg) = recv_opt(open_events.as_mut()) => {
-                let fanotify::Message::Access(a) = msg;
-                if let Some(s) = open_sensor.as_mut() {
-                    s.drain_discovered(&mut pipeline.credentials, &mut sensors.maps.credentials);
-                }
-                // The opener's exec (and anything else before its open) is in
-                // the rings already: judge it first, in order.
-                drain(alerts.get_mut(), ring.get_mut(), &mut pipeline, &mut sensors);
-                pipeline.handle_event(&mut sensors, Event::CredentialAccess(a), boottime_ns());
-                pipeline.flush();
+            _ = poll.tick() => {
+                drain(alerts.get_mut(), ring.get_mut(), open_sensor.as_mut(), &mut pipeline, &mut sensors);
             }
             Some(update) = inventory.recv() => {
                 let for_fanotify = open_sensor.as_ref().map(|_| update.clone());
@@ -695,6 +688,7 @@ pub async fn run(settings: RunSettings) -> Result<()> {
     drain(
         alerts.get_mut(),
         ring.get_mut(),
+        open_sensor.as_mut(),
         &mut pipeline,
         &mut sensors,
     );
@@ -747,24 +741,20 @@ async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
 
 /// The fanotify credential-open sensor, when `group` is given: it answers
 /// on its own thread and writes holders into the kernel's HOLDERS map.
-#[allow(clippy::type_complexity)]
 fn start_open_sensor(
     group: Option<fanotify::Group>,
     sensors: &mut Sensors,
     cgroup_root: &Path,
     metrics: &Metrics,
-) -> Result<(
-    Option<fanotify::FanotifySensor>,
-    Option<tokio::sync::mpsc::Receiver<fanotify::Message>>,
-)> {
+) -> Result<Option<fanotify::FanotifySensor>> {
     let Some(group) = group else {
         info!("credential opens: open-family syscall tracepoints");
-        return Ok((None, None));
+        return Ok(None);
     };
     let lost = metrics
         .events_lost
         .with_label_values(&[EventKind::CredentialAccess.name()]);
-    let (s, rx) = fanotify::FanotifySensor::start(
+    let s = fanotify::FanotifySensor::start(
         group,
         &sensors.maps.holders,
         fanotify::Config::new(cgroup_root),
@@ -774,17 +764,10 @@ fn start_open_sensor(
     sensors.attached.push("fanotify/FAN_OPEN_PERM".into());
     metrics.probes_attached.set(sensors.attached.len() as i64);
     info!("credential opens: fanotify permission events (no syscall tracepoint attached)");
-    Ok((Some(s), Some(rx)))
+    Ok(Some(s))
 }
 
-/// The next message of an optional receiver; never, without one.
-async fn recv_opt<T>(rx: Option<&mut tokio::sync::mpsc::Receiver<T>>) -> Option<T> {
-    match rx {
-        Some(rx) => rx.recv().await,
-        None => std::future::pending().await,
-    }
-}
-
+/// The fanotify sensor's credential accesses, like `drain` for the ring.
 /// Resolves when the watched value changes; never, without a watch.
 async fn changed<T>(rx: Option<&mut tokio::sync::watch::Receiver<T>>) -> Option<()> {
     match rx {
@@ -799,10 +782,25 @@ async fn changed<T>(rx: Option<&mut tokio::sync::watch::Receiver<T>>) -> Option<
 fn drain(
     alerts: &mut aya::maps::RingBuf<aya::maps::MapData>,
     events: &mut aya::maps::RingBuf<aya::maps::MapData>,
+    open_sensor: Option<&mut fanotify::FanotifySensor>,
     pipeline: &mut Pipeline,
     sensors: &mut Sensors,
 ) {
     let now = boottime_ns();
+    // Credential opens seen by fanotify first: whatever the kernel did
+    // before them (the opener's exec) is in the rings by now.
+    let mut opens = std::mem::take(&mut pipeline.opens);
+    opens.clear();
+    if let Some(s) = open_sensor {
+        s.drain_discovered(&mut pipeline.credentials, &mut sensors.maps.credentials);
+        while let Some(a) = s.next_access(&mut pipeline.credentials, &mut sensors.maps.credentials)
+        {
+            opens.push(a);
+            if opens.len() >= 65536 {
+                break; // the next tick resumes
+            }
+        }
+    }
     let mut batch = std::mem::take(&mut pipeline.batch);
     batch.clear();
     for ring in [alerts, events] {
@@ -815,16 +813,26 @@ fn drain(
             }
         }
     }
-    if batch.is_empty() {
+    if batch.is_empty() && opens.is_empty() {
         pipeline.batch = batch;
+        pipeline.opens = opens;
         return;
     }
     batch.sort_by_time();
-    for record in batch.records() {
+    opens.sort_by_key(|a| a.common.time_ns);
+    let mut pending = opens.drain(..).peekable();
+    for (t, record) in batch.records() {
+        while let Some(a) = pending.next_if(|a| a.common.time_ns <= t) {
+            pipeline.handle_event(sensors, Event::CredentialAccess(a), now);
+        }
         pipeline.handle_record(sensors, record, now);
+    }
+    for a in pending {
+        pipeline.handle_event(sensors, Event::CredentialAccess(a), now);
     }
     pipeline.flush();
     pipeline.batch = batch;
+    pipeline.opens = opens;
 }
 
 /// Records copied out of the rings (one buffer, reused), ordered by time.
@@ -857,9 +865,9 @@ impl Batch {
         self.index.sort_by_key(|&(t, _, _)| t);
     }
 
-    fn records(&self) -> impl Iterator<Item = &[u8]> {
+    fn records(&self) -> impl Iterator<Item = (u64, &[u8])> {
         self.index
             .iter()
-            .map(|&(_, start, len)| &self.bytes[start..start + len])
+            .map(|&(t, start, len)| (t, &self.bytes[start..start + len]))
     }
 }

@@ -688,8 +688,9 @@ fn daemon_source() -> String {
 }
 
 /// The capabilities the daemon's code needs, each with the code that needs
-/// it. SYS_ADMIN is deliberately absent: the tracefs mount the loader can do
-/// is made unnecessary by mounting the host's tracefs (checked below).
+/// it. SYS_ADMIN only for fanotify permission events: the tracefs mount the
+/// loader can do is made unnecessary by mounting the host's tracefs
+/// (checked below).
 fn needed_capabilities(src: &str) -> BTreeMap<&'static str, &'static str> {
     let mut caps = BTreeMap::new();
     let uses = |s: &str| src.contains(s);
@@ -711,6 +712,12 @@ fn needed_capabilities(src: &str) -> BTreeMap<&'static str, &'static str> {
         caps.insert(
             "SYS_PTRACE",
             "readlink /proc/<pid>/exe of processes of other users (ptrace read access)",
+        );
+    }
+    if uses("fanotify_init") {
+        caps.insert(
+            "SYS_ADMIN",
+            "fanotify_init(FAN_CLASS_CONTENT), FAN_MARK_FILESYSTEM (the fanotify open sensor), setns into the host's cgroup namespace",
         );
     }
     // Userspace signals to other users' processes need CAP_KILL;
@@ -1695,7 +1702,7 @@ fn helm_chart_lints_and_renders_strict_objects() {
         .unwrap();
     assert_eq!(pod.automount_service_account_token, Some(false));
 
-    // SYS_ADMIN (tracefs mount in the pod, pre-5.8 kernels) flips allowPrivilegeEscalation.
+    // SYS_ADMIN also as an extra capability (tracefs mount in the pod, pre-5.8 kernels): no duplicate.
     let r = render(
         serde_json::json!({"security": {"extraCapabilities": ["SYS_ADMIN"]}}),
         "d",

@@ -2,9 +2,12 @@
 //!
 //! Configurations, measured side by side in one run:
 //! - `none`: nothing of ours attached;
-//! - `detector`: `target/release/detector run` with a credential file, an
-//!   empty kubelet directory, alerts to /dev/null, metrics on loopback; we
-//!   measure once `/readyz` answers 200 (every probe attached);
+//! - `detector`: `target/release/detector run --open-sensor tracepoint`
+//!   with a credential file, an empty kubelet directory, alerts to
+//!   /dev/null, metrics on loopback; we measure once `/readyz` answers 200
+//!   (every probe attached);
+//! - `detector (fanotify)`: the same with `--open-sensor fanotify` (no
+//!   syscall tracepoint; credential opens wait for the daemon's answer);
 //! - `bpftrace`: a classic one-liner on `sys_enter_openat` filtering the
 //!   service-account token path.
 //!
@@ -74,16 +77,32 @@ pub struct BenchArgs {
 enum Config {
     None,
     Detector,
+    DetectorFanotify,
     Bpftrace,
 }
 
 impl Config {
-    const ALL: [Config; 3] = [Config::None, Config::Detector, Config::Bpftrace];
+    const ALL: [Config; 4] = [
+        Config::None,
+        Config::Detector,
+        Config::DetectorFanotify,
+        Config::Bpftrace,
+    ];
     fn name(self) -> &'static str {
         match self {
             Config::None => "none",
             Config::Detector => "detector",
+            Config::DetectorFanotify => "fanotify",
             Config::Bpftrace => "bpftrace",
+        }
+    }
+
+    /// `--open-sensor` of a detector configuration.
+    fn open_sensor(self) -> Option<&'static str> {
+        match self {
+            Config::Detector => Some("tracepoint"),
+            Config::DetectorFanotify => Some("fanotify"),
+            _ => None,
         }
     }
 }
@@ -348,12 +367,13 @@ struct SessionResult {
 fn start(cfg: Config, env: &Env, round: usize, ready_timeout: Duration) -> Result<Session> {
     match cfg {
         Config::None => Ok(Session::None),
-        Config::Detector => {
+        Config::Detector | Config::DetectorFanotify => {
             let port = free_port()?;
-            let log = env.dir.join(format!("detector-{round}.log"));
+            let log = env.dir.join(format!("{}-{round}.log", cfg.name()));
             let logf = File::create(&log)?;
             let mut cmd = Command::new(&env.detector);
             cmd.arg("run")
+                .args(["--open-sensor", cfg.open_sensor().unwrap_or("auto")])
                 .arg("--credential-file")
                 .arg(&env.cred)
                 .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
@@ -470,6 +490,7 @@ fn finish(session: Session) -> SessionResult {
                                 "detector_credential_reads",
                                 "detector_probes_attached",
                                 "detector_decode_errors",
+                                "detector_fanotify_",
                             ]
                             .iter()
                             .any(|p| l.starts_with(p))
@@ -699,7 +720,7 @@ pub fn bench(args: BenchArgs) -> Result<ExitCode> {
             let wall = t_work.elapsed().as_secs_f64();
             let res = finish(session);
             if let Some(c) = res.cpu_s {
-                det_cpu.push((c, wall));
+                det_cpu.push((cfg, c, wall));
             }
             if cfg == Config::Bpftrace {
                 bt_rounds += 1;
@@ -714,8 +735,9 @@ pub fn bench(args: BenchArgs) -> Result<ExitCode> {
                     samples[cfg as usize][i][round] = *v;
                 }
             }
-            if cfg == Config::Detector {
-                last_metrics = res.metrics;
+            if cfg.open_sensor().is_some() {
+                last_metrics.retain(|(c, _)| *c != cfg);
+                last_metrics.push((cfg, res.metrics));
             }
             if !res.note.is_empty() {
                 notes.push(format!("round {round}: {}", res.note));
@@ -733,6 +755,14 @@ pub fn bench(args: BenchArgs) -> Result<ExitCode> {
             );
         }
     }
+    let fanotify_modes = match crate::bench_fanotify::measure(&env.dir, args.scale) {
+        Ok(r) => {
+            let t = r.markdown();
+            println!("\n{t}");
+            t
+        }
+        Err(e) => format!("(not measured: {e:#})"),
+    };
     let load_after = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     let elapsed = t_all.elapsed();
 
@@ -757,8 +787,10 @@ pub fn bench(args: BenchArgs) -> Result<ExitCode> {
         })
         .collect();
     let mut table = String::new();
-    table.push_str("| Workload | iterations | none | detector | bpftrace one-liner |\n");
-    table.push_str("|---|---:|---:|---:|---:|\n");
+    table.push_str(
+        "| Workload | iterations | none | detector (tracepoints) | detector (fanotify) | bpftrace one-liner |\n",
+    );
+    table.push_str("|---|---:|---:|---:|---:|---:|\n");
     for (i, case) in CASES.iter().enumerate() {
         let iters = ((case.iters as f64 * args.scale).round() as u64).max(1);
         let none = med[Config::None as usize][i];
@@ -772,11 +804,12 @@ pub fn bench(args: BenchArgs) -> Result<ExitCode> {
         };
         let _ = writeln!(
             table,
-            "| {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} |",
             case.label,
             iters,
             fmt_ns(none),
             cell(Config::Detector),
+            cell(Config::DetectorFanotify),
             cell(Config::Bpftrace)
         );
     }
@@ -801,22 +834,30 @@ pub fn bench(args: BenchArgs) -> Result<ExitCode> {
         }
     }
 
-    let det_cpu_line = if det_cpu.is_empty() {
-        String::new()
-    } else {
-        let pct: Vec<f64> = det_cpu.iter().map(|(c, w)| 100.0 * c / w).collect();
-        format!(
-            "CPU used by the detector process itself (user+sys) while the workloads ran: median {:.1} % of \
+    let mut det_cpu_line = String::new();
+    for cfg in [Config::Detector, Config::DetectorFanotify] {
+        let mine: Vec<(f64, f64)> = det_cpu
+            .iter()
+            .filter(|(c, _, _)| *c == cfg)
+            .map(|(_, c, w)| (*c, *w))
+            .collect();
+        if mine.is_empty() {
+            continue;
+        }
+        let pct: Vec<f64> = mine.iter().map(|(c, w)| 100.0 * c / w).collect();
+        let _ = writeln!(
+            det_cpu_line,
+            "CPU used by the `{}` detector process itself (user+sys) while the workloads ran: median {:.1} % of \
              one CPU (per round: {}). It runs beside the workload on this 2-CPU machine, so it is not all \
              visible in the times above.\n",
+            cfg.name(),
             median(&pct),
-            det_cpu
-                .iter()
+            mine.iter()
                 .map(|(c, w)| format!("{c:.2} s in {w:.1} s"))
                 .collect::<Vec<_>>()
                 .join(", ")
-        )
-    };
+        );
+    }
     println!("\n{table}\n{det_cpu_line}");
     let kernel = cmd_out("uname", &["-r"]);
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
@@ -885,9 +926,12 @@ computed as the median over rounds of (this configuration / `none` in the same r
   - (d) `fork` + `execve("/bin/true")` + `waitpid`.
 - **Configurations**:
   - `none` — nothing of ours attached;
-  - `detector` — `target/release/detector run --credential-file <file> --metrics-addr 127.0.0.1:<port>
-    --kubelet-dir <empty dir> --alerts /dev/null` (default mode, no intents), measured once `/readyz`
-    answers 200, stopped with SIGTERM after the round's workloads;
+  - `detector` (tracepoints) — `target/release/detector run --open-sensor tracepoint --credential-file <file>
+    --metrics-addr 127.0.0.1:<port> --kubelet-dir <empty dir> --alerts /dev/null` (default mode, no
+    intents), measured once `/readyz` answers 200, stopped with SIGTERM after the round's workloads;
+  - `detector (fanotify)` (raw samples: `fanotify`) — the same with `--open-sensor fanotify`: no syscall
+    tracepoint attached; an open of the credential file waits until the daemon has recorded the opener
+    as a holder and answered;
   - `bpftrace` — `bpftrace -e '{bt_prog}'`, measured once it printed `Attaching 1 probe...` plus 0.5 s;
     a sentinel open of the token path from a thread with a unique name must appear in its map at exit,
     else that round's bpftrace samples are discarded.
@@ -902,6 +946,20 @@ computed as the median over rounds of (this configuration / `none` in the same r
 
 ```
 {raw}```
+
+## fanotify: permission events vs notification events
+
+Why the fanotify sensor makes credential opens wait (`FAN_OPEN_PERM`) instead of being told afterwards
+(`FAN_OPEN`): measured here with a minimal listener thread of the bench itself (no daemon; it only reads,
+answers and closes), on one marked file on tmpfs. "Connect started before the listener had the open": a
+thread opens the file and connects to a loopback listener right away, repeated; counted when the
+listener's `read(2)` returned the event only after the connect had started, i.e. even a sensor with zero
+processing time could not have made the connect a holder's. "Opener gone": a forked child opens the file
+and exits; counted when the listener, on reading the event, found `/proc/<pid>/status` already gone
+(nothing left to attribute). With permission events both are 0 by construction (the opener is blocked
+until answered); the price is the round trip on every open of a credential file.
+
+{fanotify_modes}
 
 ## Detector metrics at the end of its last session
 
@@ -937,9 +995,21 @@ computed as the median over rounds of (this configuration / `none` in the same r
         metrics = if last_metrics.is_empty() {
             "(none scraped)".to_string()
         } else {
-            last_metrics.join("\n")
+            last_metrics
+                .iter()
+                .map(|(c, m)| {
+                    format!(
+                        "# {} (--open-sensor {})\n{}",
+                        c.name(),
+                        c.open_sensor().unwrap_or("?"),
+                        m.join("\n")
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("\n\n")
         },
         notes = notes.join("\n"),
+        fanotify_modes = fanotify_modes,
     );
 
     let out = args.out.as_deref();
@@ -980,8 +1050,8 @@ computed as the median over rounds of (this configuration / `none` in the same r
 /// A small horizontal bar chart of the ratios vs `none` (hand-written SVG,
 /// no plotting dependency).
 fn svg_chart(ratio: &[Vec<f64>]) -> String {
-    let shown = [Config::Detector, Config::Bpftrace];
-    let colors = ["#d95f02", "#7570b3"];
+    let shown = [Config::Detector, Config::DetectorFanotify, Config::Bpftrace];
+    let colors = ["#d95f02", "#1b9e77", "#7570b3"];
     let ratios: Vec<Vec<f64>> = shown.iter().map(|c| ratio[*c as usize].clone()).collect();
     let max = ratios
         .iter()

@@ -15,6 +15,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod bench_correlate;
+mod bench_fanotify;
 mod demo;
 mod setup;
 mod worker;

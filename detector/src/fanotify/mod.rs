@@ -19,7 +19,9 @@
 //! # Never hold an opener forever
 //! - A dedicated thread answers; it never waits on the tokio runtime. Events
 //!   go to the pipeline through a bounded channel (`try_send`: a full
-//!   channel loses the event, counted, never the answer).
+//!   channel loses the event, counted, never the answer). Like the kernel's
+//!   ring buffer for bulk events, it wakes nobody: enforcement is already in
+//!   the kernel maps, and the daemon drains it on its 10 ms poll.
 //! - Every path through the handling of an event answers `FAN_ALLOW` (a
 //!   guard answers on drop), also when /proc cannot be read.
 //! - A watchdog thread answers for the responder if one event takes longer
@@ -71,8 +73,7 @@ use std::{
 
 use aya::maps::{HashMap, IterableMap, Map, MapData};
 use detector_common::{kernel_dev_from_user, CredentialInfo, CredentialKey, Holder};
-use prometheus::{IntCounter, IntGaugeVec, Opts, Registry};
-use tokio::sync::mpsc;
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntGaugeVec, Opts, Registry};
 use tracing::{debug, error, info, warn};
 
 pub use sys::Group;
@@ -131,6 +132,8 @@ struct Stats {
     errors: IntCounter,
     lost: IntCounter,
     marks: IntGaugeVec,
+    /// From reading an event to answering it.
+    answer_seconds: Histogram,
 }
 
 impl Stats {
@@ -150,6 +153,16 @@ impl Stats {
         registry.register(Box::new(marks.clone()))?;
         marks.with_label_values(&["inode"]);
         marks.with_label_values(&["filesystem"]);
+        let answer_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "detector_fanotify_answer_seconds",
+                "Time an opener of a watched file waited on the responder (read to answer).",
+            )
+            .buckets(vec![
+                0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.01, 0.1, 1.0,
+            ]),
+        )?;
+        registry.register(Box::new(answer_seconds.clone()))?;
         Ok(Stats {
             permission_events: counter(
                 "detector_fanotify_permission_events_total",
@@ -169,6 +182,7 @@ impl Stats {
             )?,
             lost,
             marks,
+            answer_seconds,
         })
     }
 }
@@ -255,12 +269,6 @@ fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
     l.read().unwrap_or_else(|e| e.into_inner())
 }
 
-/// What the sensor hands the pipeline.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Message {
-    Access(CredentialAccess),
-}
-
 /// The running sensor. Dropping it stops the responder and closes the group.
 pub struct FanotifySensor {
     shared: Arc<Shared>,
@@ -272,6 +280,7 @@ pub struct FanotifySensor {
     /// Found credentials whose filesystem mark is gone: to drop from the
     /// pipeline's table at the next drain.
     forgotten: Vec<(u64, u64)>,
+    events: std::sync::mpsc::Receiver<CredentialAccess>,
 }
 
 /// Is the permission sensor usable here? Returns the group to use.
@@ -289,14 +298,14 @@ impl FanotifySensor {
         cfg: Config,
         registry: &Registry,
         lost: IntCounter,
-    ) -> Result<(FanotifySensor, mpsc::Receiver<Message>), Error> {
+    ) -> Result<FanotifySensor, Error> {
         let holders = clone_holders(holders)?;
         let proc = opener::ProcReader::new(&cfg.cgroup_root).map_err(Error::Start)?;
         let wake = sys::eventfd().map_err(Error::Start)?;
         let stats = Stats::new(registry, lost).map_err(|e| Error::Start(io::Error::other(e)))?;
         let fan = group.raw();
         let shared = Arc::new(Shared::new(group, wake, stats));
-        let (tx, rx) = mpsc::channel(cfg.queue.max(1));
+        let (tx, rx) = std::sync::mpsc::sync_channel(cfg.queue.max(1));
         let mut ctx = Responder {
             shared: shared.clone(),
             fan,
@@ -325,16 +334,14 @@ impl FanotifySensor {
             .spawn(move || watchdog(s, limit))
             .map_err(Error::Start)?;
         info!("fanotify permission sensor started (FAN_OPEN_PERM on credential files)");
-        Ok((
-            FanotifySensor {
-                shared,
-                responder: Some(responder),
-                inode_marks: StdHashMap::new(),
-                fs_marks: StdHashMap::new(),
-                forgotten: Vec::new(),
-            },
-            rx,
-        ))
+        Ok(FanotifySensor {
+            shared,
+            responder: Some(responder),
+            inode_marks: StdHashMap::new(),
+            fs_marks: StdHashMap::new(),
+            forgotten: Vec::new(),
+            events: rx,
+        })
     }
 
     /// Follow the inventory. Call after the pipeline applied `update` to
@@ -524,6 +531,22 @@ impl FanotifySensor {
             .set(self.fs_marks.len() as i64);
     }
 
+    /// The next credential access waiting for the pipeline. A credential
+    /// the responder found itself is put in `table` (and `kernel`) before
+    /// its first access is returned.
+    pub fn next_access(
+        &mut self,
+        table: &mut CredentialTable,
+        kernel: &mut HashMap<MapData, CredentialKey, CredentialInfo>,
+    ) -> Option<CredentialAccess> {
+        let a = self.events.try_recv().ok()?;
+        if table.by_id(a.credential_id).is_none() {
+            // Found after our last drain; queued before this event was sent.
+            self.drain_discovered(table, kernel);
+        }
+        Some(a)
+    }
+
     /// Is the responder still answering?
     pub fn alive(&self) -> bool {
         self.shared
@@ -591,6 +614,10 @@ impl<'a> Pending<'a> {
 
     fn answer_locked(&self, inf: &mut Inflight) {
         if !inf.answered {
+            self.shared
+                .stats
+                .answer_seconds
+                .observe(inf.since.elapsed().as_secs_f64());
             if let Err(e) = sys::allow(self.fan, self.fd) {
                 // ENOENT: the group no longer knows the event (cannot be
                 // for a live group). Nothing else to do: never deny.
@@ -648,7 +675,7 @@ struct Responder {
     fan: RawFd,
     holders: HashMap<MapData, u32, Holder>,
     proc: opener::ProcReader,
-    tx: mpsc::Sender<Message>,
+    tx: std::sync::mpsc::SyncSender<CredentialAccess>,
     own_tgid: u32,
 }
 
@@ -786,10 +813,10 @@ impl Responder {
             // Every open is answered, and reported, one by one.
             repeats: 0,
         };
-        match self.tx.try_send(Message::Access(ev)) {
+        match self.tx.try_send(ev) {
             Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(_)) => self.shared.stats.lost.inc(),
-            Err(mpsc::error::TrySendError::Closed(_)) => {}
+            Err(std::sync::mpsc::TrySendError::Full(_)) => self.shared.stats.lost.inc(),
+            Err(std::sync::mpsc::TrySendError::Disconnected(_)) => {}
         }
     }
 

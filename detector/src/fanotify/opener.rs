@@ -213,12 +213,32 @@ impl ProcReader {
     }
 
     /// `/proc/<pid>/<file>` as text (lossy; these files are ASCII but for
-    /// names).
+    /// names). Plain read(2)s into a reused buffer: `read_to_end` would add
+    /// a statx and an lseek per file, and the opener waits for every one.
     pub fn read(&mut self, pid: u32, file: &str) -> io::Result<String> {
         let mut f = self.open(pid, file)?;
         self.buf.clear();
-        f.read_to_end(&mut self.buf)?;
-        Ok(String::from_utf8_lossy(&self.buf).into_owned())
+        self.buf.resize(4096, 0);
+        let mut n = 0;
+        loop {
+            if n == self.buf.len() {
+                self.buf.resize(n * 2, 0);
+            }
+            let room = self.buf.len() - n;
+            match f.read(&mut self.buf[n..]) {
+                Ok(0) => break,
+                // These procfs files are generated whole on the first read
+                // (single_open): a short read is the end.
+                Ok(k) if k < room => {
+                    n += k;
+                    break;
+                }
+                Ok(k) => n += k,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(String::from_utf8_lossy(&self.buf[..n]).into_owned())
     }
 
     /// The cgroup-v2 path of `pid`.
