@@ -158,9 +158,11 @@ struct CgroupEntry {
 }
 
 /// Which intent judged an event.
-#[derive(Clone, Copy)]
 enum Source {
+    /// The declared intent cached in the cgroup's entry.
     Declared,
+    /// A declared intent of a judge without generations (not cached).
+    Uncached(IntentRef),
     Learned(usize),
 }
 
@@ -394,7 +396,7 @@ impl Correlator {
         learner: Option<&mut Learner>,
         q: Question<'_>,
     ) -> Option<(bool, Source)> {
-        let uncached;
+        let mut uncached = None;
         let intent = match declared.generation() {
             Some(g) => {
                 if !matches!(entry.declared, Some((have, _)) if have == g) {
@@ -412,7 +414,11 @@ impl Correlator {
                 Question::Reader(exe) => declared.allows_reader(i, exe),
                 Question::Destination(ip, port) => declared.allows_destination(i, ip, port),
             };
-            return Some((ok, Source::Declared));
+            let source = match &uncached {
+                Some(i) => Source::Uncached(i.clone()),
+                None => Source::Declared,
+            };
+            return Some((ok, source));
         }
         let l = learner?;
         let slot = match entry.learned {
@@ -441,15 +447,12 @@ impl Correlator {
     fn intent_of(
         entry: &CgroupEntry,
         source: Source,
-        declared: &dyn Judge,
         learner: Option<&Learner>,
     ) -> Option<IntentRef> {
-        match (source, &entry.declared) {
-            (Source::Declared, Some((_, cached))) if declared.generation().is_some() => {
-                cached.clone()
-            }
-            (Source::Declared, _) => declared.intent_for(&entry.ctx),
-            (Source::Learned(slot), _) => learner.map(|l| l.intent_in(slot)),
+        match source {
+            Source::Declared => entry.declared.as_ref().and_then(|(_, i)| i.clone()),
+            Source::Uncached(i) => Some(i),
+            Source::Learned(slot) => learner.map(|l| l.intent_in(slot)),
         }
     }
 
@@ -505,7 +508,7 @@ impl Correlator {
         let Some((false, source)) = judged else {
             return Vec::new();
         };
-        let intent = Self::intent_of(entry, source, declared, learner.as_deref());
+        let intent = Self::intent_of(entry, source, learner.as_deref());
         let cred = Some(cred.clone());
         let process = self.process(a.common.tgid, a.ppid, &a.comm, Some(a.uid));
         vec![finding(
@@ -542,8 +545,8 @@ impl Correlator {
         if !outside && c.verdict_typed == Verdict::Allowed {
             return Vec::new();
         }
-        let intent = judged
-            .and_then(|(_, source)| Self::intent_of(entry, source, declared, learner.as_deref()));
+        let intent =
+            judged.and_then(|(_, source)| Self::intent_of(entry, source, learner.as_deref()));
         let w = entry.ctx.clone();
         let cred = lk.credential(c.holder_credential).cloned();
         let destination = Destination {
@@ -836,5 +839,115 @@ mod tests {
         let f = c.on_event(&access(106, 1), &mut fixture(), &NoIntents, Some(&mut done));
         assert_eq!(f[0].kind, FindingKind::UnexpectedReader);
         assert!(f[0].intent.as_deref().unwrap().starts_with("learned:"));
+    }
+
+    /// Resolves a pod cgroup, counting the resolves; the runtime's names
+    /// appear when `named` is set.
+    struct Counting {
+        resolves: usize,
+        named: bool,
+    }
+
+    impl Lookup for Counting {
+        fn workload(&mut self, cgroup_id: u64) -> WorkloadCtx {
+            self.resolves += 1;
+            WorkloadCtx {
+                workload: Workload {
+                    pod_uid: Some("pod-a".into()),
+                    pod: self.named.then(|| "a-0".to_string()),
+                    cgroup_id,
+                    cgroup_path: Some("/kubepods/poda".into()),
+                    ..Default::default()
+                },
+                ..Default::default()
+            }
+        }
+        fn credential(&self, _: u32) -> Option<&Credential> {
+            None
+        }
+        fn wall_time(&self, _: u64) -> String {
+            String::new()
+        }
+    }
+
+    #[test]
+    fn cached_workloads_are_refreshed_and_invalidated() {
+        let mut c = Correlator::new(vec![], false);
+        let mut lk = Counting {
+            resolves: 0,
+            named: false,
+        };
+        let t = 1_000;
+        assert!(c.workload(5, t, &mut lk).workload.pod.is_none());
+        c.workload(5, t + 1_000_000, &mut lk);
+        assert_eq!(lk.resolves, 1, "cached");
+        lk.named = true;
+        c.workload(5, t + WORKLOAD_REFRESH_UNNAMED_NS - 1, &mut lk);
+        assert_eq!(lk.resolves, 1, "still cached");
+        let w = c.workload(5, t + WORKLOAD_REFRESH_UNNAMED_NS, &mut lk);
+        assert_eq!(
+            (lk.resolves, w.workload.pod.as_deref()),
+            (2, Some("a-0")),
+            "an unnamed pod is resolved again after a second"
+        );
+        let t2 = t + WORKLOAD_REFRESH_UNNAMED_NS;
+        c.workload(5, t2 + WORKLOAD_REFRESH_UNNAMED_NS, &mut lk);
+        assert_eq!(lk.resolves, 2, "a named pod keeps its entry longer");
+        c.workload(5, t2 + WORKLOAD_REFRESH_NS, &mut lk);
+        assert_eq!(lk.resolves, 3, "and is resolved again after 10 s");
+        // The kernel reports the cgroup's removal: the next event resolves.
+        let rmdir = Event::CgroupRmdir(crate::events::Cgroup {
+            common: common(1, 5),
+            id: 5,
+            level: 2,
+            path: "kubepods/poda".into(),
+        });
+        c.on_event(&rmdir, &mut lk, &NoIntents, None);
+        c.workload(5, t2 + WORKLOAD_REFRESH_NS, &mut lk);
+        assert_eq!(lk.resolves, 4, "invalidated by rmdir");
+    }
+
+    /// `OneIntent`, counting its selections.
+    struct CountingJudge(std::cell::Cell<usize>);
+    impl Judge for CountingJudge {
+        fn intent_for(&self, w: &WorkloadCtx) -> Option<IntentRef> {
+            self.0.set(self.0.get() + 1);
+            OneIntent.intent_for(w)
+        }
+        fn allows_reader(&self, i: &IntentRef, exe: &str) -> bool {
+            OneIntent.allows_reader(i, exe)
+        }
+        fn allows_destination(&self, i: &IntentRef, ip: IpAddr, port: u16) -> bool {
+            OneIntent.allows_destination(i, ip, port)
+        }
+    }
+
+    #[test]
+    fn intent_selection_is_cached_per_generation() {
+        let mut c = Correlator::new(vec![], false);
+        exec(&mut c, 107, 1, "/bin/sh");
+        let judge = CountingJudge(Default::default());
+        let mut fx = fixture();
+        let g1 = new_generation();
+        for _ in 0..3 {
+            let v = Versioned {
+                judge: &judge,
+                generation: g1,
+            };
+            let f = c.on_event(&access(107, 1), &mut fx, &v, None);
+            assert_eq!(f[0].intent.as_deref(), Some("ns/a"));
+        }
+        assert_eq!(judge.0.get(), 1, "selected once for the generation");
+        let v = Versioned {
+            judge: &judge,
+            generation: new_generation(),
+        };
+        let f = c.on_event(&access(107, 1), &mut fx, &v, None);
+        assert_eq!(f[0].intent.as_deref(), Some("ns/a"));
+        assert_eq!(judge.0.get(), 2, "a new generation selects again");
+        // Without a generation, every event selects.
+        c.on_event(&access(107, 1), &mut fx, &judge, None);
+        c.on_event(&access(107, 1), &mut fx, &judge, None);
+        assert_eq!(judge.0.get(), 4);
     }
 }

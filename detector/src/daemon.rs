@@ -109,6 +109,18 @@ pub fn boottime_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
+/// Give the heap pages freed since the last call back to the kernel. glibc
+/// keeps what a burst freed mapped (a full inventory scan of 10,000 pods,
+/// every 30 s, allocates and frees about 15 MB), so without this the RSS
+/// stays at the high-water mark. It takes about a millisecond.
+fn release_free_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks and trims the allocator's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// Where the raw decoded events go with `--debug-events`.
 fn open_output(spec: &str) -> Result<Box<dyn Write + Send>> {
     Ok(if spec == "-" {
@@ -141,6 +153,7 @@ struct Pipeline {
     declared_generation: u64,
     /// `metrics.events` per `EventKind as usize`, resolved at first use.
     events_by_kind: Vec<Option<prometheus::IntCounter>>,
+
     enforcer: Enforcer,
     attribution: Attributor,
     aggregator: Aggregator,
@@ -322,6 +335,7 @@ impl Pipeline {
 
     /// Periodic: kernel-side loss counters and map sizes into metrics.
     fn refresh_stats(&mut self, sensors: &Sensors) {
+        release_free_heap();
         let lost = sensors.maps.lost_by_kind();
         self.lost_seen.resize(EventKind::ALL.len(), 0);
         for (i, (kind, total)) in lost.into_iter().enumerate() {
@@ -468,6 +482,7 @@ impl Pipeline {
                     let _ = sensors.maps.credentials.remove(&key);
                 }
                 self.metrics.credentials.set(self.credentials.len() as i64);
+                release_free_heap();
                 true
             }
         }

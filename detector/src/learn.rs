@@ -12,9 +12,12 @@
 //! else the pod UID, else the cgroup path.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, HashMap},
     net::IpAddr,
-    sync::atomic::{AtomicU64, Ordering},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
 };
 
 use detector_common::PolicyAction;
@@ -22,12 +25,54 @@ use serde::Serialize;
 
 use crate::correlate::{IntentRef, Judge, WorkloadCtx};
 
+/// Sorted, de-duplicated and small (most workloads have one reader and a
+/// few destinations): a sorted `Vec` costs a fraction of a B-tree node per
+/// workload, which adds up over 10,000 pods.
+#[derive(Clone, Debug)]
+struct SortedSet<T>(Vec<T>);
+
+impl<T> Default for SortedSet<T> {
+    fn default() -> Self {
+        SortedSet(Vec::new())
+    }
+}
+
+impl<T: Ord> SortedSet<T> {
+    fn find<Q: Ord + ?Sized>(&self, q: &Q) -> Result<usize, usize>
+    where
+        T: std::borrow::Borrow<Q>,
+    {
+        self.0.binary_search_by(|x| x.borrow().cmp(q))
+    }
+    fn contains<Q: Ord + ?Sized>(&self, q: &Q) -> bool
+    where
+        T: std::borrow::Borrow<Q>,
+    {
+        self.find(q).is_ok()
+    }
+    fn insert_with<Q: Ord + ?Sized>(&mut self, q: &Q, make: impl FnOnce() -> T)
+    where
+        T: std::borrow::Borrow<Q>,
+    {
+        if let Err(at) = self.find(q) {
+            self.0.insert(at, make());
+        }
+    }
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+    fn iter(&self) -> std::slice::Iter<'_, T> {
+        self.0.iter()
+    }
+}
+
 #[derive(Clone, Debug, Default)]
 struct Profile {
     first_seen_ns: u64,
-    readers: BTreeSet<String>,
-    destinations: BTreeSet<(IpAddr, u16)>,
-    ctx: WorkloadCtx,
+    readers: SortedSet<Box<str>>,
+    destinations: SortedSet<(IpAddr, u16)>,
+    /// Shared with the correlator's cache of the cgroup's workload.
+    ctx: Arc<WorkloadCtx>,
 }
 
 pub struct Learner {
@@ -36,8 +81,8 @@ pub struct Learner {
     id: u64,
     window_ns: u64,
     /// Profiles by workload key; `IntentRef::index` is the key's slot.
-    keys: Vec<String>,
-    slots: HashMap<String, usize>,
+    keys: Vec<Arc<str>>,
+    slots: HashMap<Arc<str>, usize>,
     profiles: Vec<Profile>,
 }
 
@@ -89,9 +134,9 @@ impl Learner {
     /// The profile slot of `w`'s workload, created (first seen at `now_ns`)
     /// if new; `None` for a workload with no key. Slots are never reused, so
     /// a caller may keep one for as long as `w` stays the same.
-    pub fn slot_for(&mut self, w: &WorkloadCtx, now_ns: u64) -> Option<usize> {
+    pub fn slot_for(&mut self, w: &Arc<WorkloadCtx>, now_ns: u64) -> Option<usize> {
         let key = workload_key(w)?;
-        if let Some(&i) = self.slots.get(&key) {
+        if let Some(&i) = self.slots.get(key.as_str()) {
             return Some(i);
         }
         let i = self.profiles.len();
@@ -100,6 +145,7 @@ impl Learner {
             ctx: w.clone(),
             ..Default::default()
         });
+        let key: Arc<str> = Arc::from(key);
         self.keys.push(key.clone());
         self.slots.insert(key, i);
         Some(i)
@@ -111,7 +157,7 @@ impl Learner {
 
     /// Record a credential reader; true while the workload is still learning.
     pub fn observe_reader(&mut self, w: &WorkloadCtx, exe: &str, now_ns: u64) -> bool {
-        match self.slot_for(w, now_ns) {
+        match self.slot_for(&Arc::new(w.clone()), now_ns) {
             Some(i) => self.observe_reader_in(i, exe, now_ns),
             None => false,
         }
@@ -122,10 +168,9 @@ impl Learner {
         if slot >= self.profiles.len() || !self.learning(slot, now_ns) {
             return false;
         }
-        let readers = &mut self.profiles[slot].readers;
-        if !readers.contains(exe) {
-            readers.insert(exe.to_string());
-        }
+        self.profiles[slot]
+            .readers
+            .insert_with(exe, || Box::from(exe));
         true
     }
 
@@ -137,7 +182,7 @@ impl Learner {
         port: u16,
         now_ns: u64,
     ) -> bool {
-        match self.slot_for(w, now_ns) {
+        match self.slot_for(&Arc::new(w.clone()), now_ns) {
             Some(i) => self.observe_destination_in(i, ip, port, now_ns),
             None => false,
         }
@@ -154,7 +199,9 @@ impl Learner {
         if slot >= self.profiles.len() || !self.learning(slot, now_ns) {
             return false;
         }
-        self.profiles[slot].destinations.insert((ip, port));
+        self.profiles[slot]
+            .destinations
+            .insert_with(&(ip, port), || (ip, port));
         true
     }
 
@@ -177,7 +224,7 @@ impl Learner {
         IntentRef {
             name: format!(
                 "learned:{}",
-                self.keys.get(slot).map(String::as_str).unwrap_or("?")
+                self.keys.get(slot).map(|k| &**k).unwrap_or("?")
             ),
             action: PolicyAction::Alert,
             index: slot,
@@ -212,7 +259,7 @@ impl Judge for Learner {
     /// the window they are being learned and stay quiet.
     fn intent_for(&self, w: &WorkloadCtx) -> Option<IntentRef> {
         let key = workload_key(w)?;
-        let &i = self.slots.get(&key)?;
+        let &i = self.slots.get(key.as_str())?;
         let now = crate::daemon::boottime_ns();
         if self.learning(i, now) {
             return None;
@@ -330,7 +377,7 @@ fn render(key: &str, p: &Profile) -> Doc {
         }
     };
     let mut by_ip: BTreeMap<IpAddr, Vec<u16>> = BTreeMap::new();
-    for (ip, port) in &p.destinations {
+    for (ip, port) in p.destinations.iter() {
         by_ip.entry(*ip).or_default().push(*port);
     }
     let destinations = by_ip
@@ -346,7 +393,7 @@ fn render(key: &str, p: &Profile) -> Doc {
         metadata: Meta { name, namespace },
         spec: Spec {
             selector,
-            readers: p.readers.iter().cloned().collect(),
+            readers: p.readers.iter().map(|r| r.to_string()).collect(),
             destinations,
             action: "alert",
         },
