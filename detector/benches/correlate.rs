@@ -224,6 +224,7 @@ fn map_lookup(pods: &[Pod]) -> MapLookup {
                         container_id: p.cgroup_path.rsplit('/').next().map(str::to_string),
                         cgroup_id: p.cgroup_id,
                         cgroup_path: Some(p.cgroup_path.clone()),
+                        ..Default::default()
                     },
                     service_account: Some("default".into()),
                     labels: [
