@@ -7,6 +7,8 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use serde::Deserialize;
 
+use crate::attribution::kubeapi::{KubeApiConfig, KubeApiMode};
+
 #[derive(Debug, Parser)]
 #[command(
     name = "detector",
@@ -208,6 +210,22 @@ pub struct RunArgs {
     /// [default: auto = fanotify when available, else tracepoint].
     #[arg(long, value_enum)]
     pub open_sensor: Option<OpenSensor>,
+    /// Service accounts and labels of this node's pods from the Kubernetes
+    /// API: `auto` (in-cluster configuration when running in a pod), `off`,
+    /// or the API server's URL (http or https) [default: auto].
+    #[arg(long, value_parser = KubeApiMode::parse)]
+    pub kube_api: Option<KubeApiMode>,
+    /// This node's name, to list only its pods [default: env NODE_NAME].
+    #[arg(long)]
+    pub node_name: Option<String>,
+    /// Bearer token file for the API, sent over https only
+    /// [default: the in-cluster service-account token].
+    #[arg(long)]
+    pub kube_api_token_file: Option<PathBuf>,
+    /// CA bundle (PEM) of the API server [default: the in-cluster ca.crt,
+    /// else the system's roots].
+    #[arg(long)]
+    pub kube_api_ca_file: Option<PathBuf>,
 }
 
 /// The config file's shape: the `run` flags.
@@ -244,6 +262,10 @@ pub struct ConfigFile {
     pub rotation_grace: Option<Duration>,
     pub cri_socket: Option<PathBuf>,
     pub open_sensor: Option<OpenSensor>,
+    pub kube_api: Option<KubeApiMode>,
+    pub node_name: Option<String>,
+    pub kube_api_token_file: Option<PathBuf>,
+    pub kube_api_ca_file: Option<PathBuf>,
     /// Finding outputs (JSON lines, webhook, syslog, OCSF); see `sinks`.
     pub sinks: Option<crate::sinks::SinksConfig>,
 }
@@ -277,6 +299,9 @@ pub struct RunSettings {
     /// `None`: look for the usual sockets.
     pub cri_socket: Option<PathBuf>,
     pub open_sensor: OpenSensor,
+    /// Kubernetes API enrichment (`node_name` falls back to NODE_NAME when
+    /// the daemon starts it).
+    pub kube_api: KubeApiConfig,
 }
 
 pub const DEFAULT_KUBELET_DIR: &str = "/var/lib/kubelet";
@@ -379,6 +404,12 @@ impl RunArgs {
                 .unwrap_or(Duration::from_secs(120)),
             cri_socket: self.cri_socket.or(file.cri_socket),
             open_sensor: self.open_sensor.or(file.open_sensor).unwrap_or_default(),
+            kube_api: KubeApiConfig {
+                mode: self.kube_api.or(file.kube_api).unwrap_or_default(),
+                node_name: self.node_name.or(file.node_name),
+                token_file: self.kube_api_token_file.or(file.kube_api_token_file),
+                ca_file: self.kube_api_ca_file.or(file.kube_api_ca_file),
+            },
             stop_after: None,
         })
     }
@@ -409,6 +440,41 @@ mod tests {
         assert_eq!(s.connect_dedup_ms, 5);
         assert_eq!(s.kubelet_dir, PathBuf::from(DEFAULT_KUBELET_DIR));
         assert_eq!(s.sinks.jsonl.as_ref().map(|j| j.path.as_str()), Some("-"));
+
+        assert_eq!(s.kube_api, KubeApiConfig::default(), "auto by default");
+
+        std::fs::write(
+            &cfg,
+            "kube_api: off\nnode_name: node-a\nkube_api_ca_file: /ca.crt\n",
+        )
+        .unwrap();
+        let s = RunArgs {
+            config: Some(cfg.clone()),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(s.kube_api.mode, KubeApiMode::Off);
+        assert_eq!(s.kube_api.node_name.as_deref(), Some("node-a"));
+        assert_eq!(s.kube_api.ca_file, Some(PathBuf::from("/ca.crt")));
+        let s = RunArgs {
+            config: Some(cfg.clone()),
+            kube_api: Some(KubeApiMode::parse("http://127.0.0.1:8001").unwrap()),
+            node_name: Some("node-b".into()),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap();
+        assert!(matches!(s.kube_api.mode, KubeApiMode::Url(_)));
+        assert_eq!(s.kube_api.node_name.as_deref(), Some("node-b"));
+        std::fs::write(&cfg, "kube_api: ftp://x\n").unwrap();
+        let err = RunArgs {
+            config: Some(cfg.clone()),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap_err();
+        assert!(err.to_string().contains("http(s) URL"), "{err}");
 
         std::fs::write(&cfg, "mode: observe\nbogus: 1\n").unwrap();
         let err = RunArgs {

@@ -22,7 +22,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::{
     aggregate::Aggregator,
-    attribution::{cri::CriHandle, Attributor},
+    attribution::{cri::CriHandle, kubeapi::KubeApiHandle, Attributor},
     btf::Btf,
     cli::{KillScope, Mode, RunSettings},
     correlate::{new_generation, Correlator, Lookup, Versioned, WorkloadCtx},
@@ -72,7 +72,7 @@ pub fn workload_of(attribution: &mut Attributor, cgroup_id: u64) -> WorkloadCtx 
     match attribution.resolve(cgroup_id) {
         Some(info) => WorkloadCtx {
             workload: info.to_workload(),
-            service_account: None,
+            service_account: info.service_account.clone(),
             labels: info.labels.clone(),
         },
         None => WorkloadCtx {
@@ -589,7 +589,8 @@ pub async fn run(settings: RunSettings) -> Result<()> {
         events_by_kind: vec![None; detector_common::EVENT_KINDS as usize],
         enforcer: Enforcer::default(),
         attribution: Attributor::new(&cgroup_root)
-            .with_cri(CriHandle::spawn(settings.cri_socket.clone())),
+            .with_cri(CriHandle::spawn(settings.cri_socket.clone()))
+            .with_kube_api(KubeApiHandle::spawn(&settings.kube_api, &metrics.registry)),
         aggregator: Aggregator::new(settings.aggregate_window.as_nanos() as u64),
         sinks,
         wall_offset_ns: boot_to_wall_offset_ns(),

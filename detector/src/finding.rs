@@ -82,6 +82,12 @@ pub struct Workload {
     pub cgroup_id: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cgroup_path: Option<String>,
+    /// From the Kubernetes API, when it is reachable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_account: Option<String>,
+    /// The pod's labels (the API's when reachable, else CRI's).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

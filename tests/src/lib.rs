@@ -20,6 +20,7 @@ use serde_json::Value;
 
 pub mod containerd;
 pub mod kernel;
+pub mod kubeapi;
 pub mod net;
 pub mod pods;
 pub mod receivers;

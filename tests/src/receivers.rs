@@ -69,6 +69,7 @@ pub fn sample_findings(n: usize) -> Vec<Finding> {
                     container_id: full.then(|| format!("{:064x}", i as u128 * 0x9e37_79b9_7f4a_7c15)),
                     cgroup_id: 1000 + i as u64,
                     cgroup_path: full.then(|| format!("/kubepods.slice/kubepods-pod{i}.slice/cri-containerd-{i}.scope")),
+                    ..Default::default()
                 },
                 process: Process {
                     pid: 4000 + i as u32,
@@ -550,6 +551,7 @@ pub fn finding_from_cef(s: &str) -> Result<Finding> {
             container_id: label("cs5", "containerId")?,
             cgroup_id: label("cn1", "cgroupId")?.context("cn1")?.parse()?,
             cgroup_path: get("detectorCgroupPath"),
+            ..Default::default()
         },
         process: Process {
             pid: num("spid")? as u32,

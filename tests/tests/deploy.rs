@@ -1243,6 +1243,9 @@ fn daemon_metric_names() -> BTreeSet<String> {
         ..Default::default()
     };
     let set = detector::sinks::SinkSet::new(&sinks, &m.registry).unwrap();
+    detector::attribution::kubeapi::KubeApiMetrics::new()
+        .register(&m.registry)
+        .unwrap();
     let names: BTreeSet<String> = m
         .registry
         .gather()
@@ -1327,7 +1330,14 @@ fn kubernetes_manifests_are_strict_and_match_the_daemon() {
             .as_deref(),
         Some(&["system-node-critical".to_string()][..])
     );
-    check_daemon_set(&objs, &Expect::default());
+    let cfg = check_daemon_set(&objs, &Expect::default());
+    assert!(
+        matches!(
+            cfg.kube_api,
+            None | Some(detector::attribution::kubeapi::KubeApiMode::Auto)
+        ),
+        "the manifests use the in-cluster API (RBAC and NODE_NAME are there)"
+    );
 }
 
 #[test]
@@ -1681,7 +1691,7 @@ fn helm_chart_lints_and_renders_strict_objects() {
         "detector",
         "kube-system",
     );
-    check_daemon_set(
+    let no_api = check_daemon_set(
         &r.objs,
         &Expect {
             extra_caps: &["SYS_RESOURCE"],
@@ -1692,6 +1702,11 @@ fn helm_chart_lints_and_renders_strict_objects() {
         },
     );
     assert!(r.objs.cluster_roles.is_empty() && r.objs.bindings.is_empty());
+    assert_eq!(
+        no_api.kube_api,
+        Some(detector::attribution::kubeapi::KubeApiMode::Off),
+        "no RBAC and no token: the daemon must not try the API"
+    );
     let pod = r.objs.daemon_sets[0]
         .spec
         .as_ref()

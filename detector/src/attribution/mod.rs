@@ -14,10 +14,14 @@
 //!   id), at most every `min_rescan`. It never blocks on the network: CRI
 //!   names come from the cache of an optional [`cri::CriHandle`], which is
 //!   asked to refresh when a pod is not in it yet (the next resolve of that
-//!   cgroup has the names).
+//!   cgroup has the names). Service account and labels come from the
+//!   Kubernetes API when an optional [`kubeapi::KubeApiHandle`] is given
+//!   (this node's pods, listed and watched in the background); the API also
+//!   names pods CRI does not know.
 //! - [`workloads_under`]: every pod cgroup of a cgroup-v2 tree (CLI).
 
 pub mod cri;
+pub mod kubeapi;
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -203,6 +207,9 @@ pub struct WorkloadInfo {
     pub namespace: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pod_name: Option<String>,
+    /// From the Kubernetes API only (CRI does not know it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub service_account: Option<String>,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -221,6 +228,8 @@ impl WorkloadInfo {
             container_id: self.pod.as_ref().and_then(|p| p.container_id.clone()),
             cgroup_id: self.cgroup_id,
             cgroup_path: Some(self.cgroup_path.clone()),
+            service_account: self.service_account.clone(),
+            labels: self.labels.clone(),
         }
     }
 }
@@ -241,6 +250,7 @@ pub struct Attributor {
     /// Minimum time between two rescans of the tree on misses.
     pub min_rescan: Duration,
     cri: Option<cri::CriHandle>,
+    kube: Option<kubeapi::KubeApiHandle>,
     warned_unparsed: std::collections::HashSet<String>,
 }
 
@@ -265,6 +275,7 @@ impl Attributor {
             retention: Duration::from_secs(600),
             min_rescan: Duration::from_millis(250),
             cri: None,
+            kube: None,
             warned_unparsed: Default::default(),
         }
     }
@@ -272,6 +283,13 @@ impl Attributor {
     /// Enrich with names from the container runtime (see [`cri::CriHandle`]).
     pub fn with_cri(mut self, cri: cri::CriHandle) -> Self {
         self.cri = Some(cri);
+        self
+    }
+
+    /// Service accounts and labels from the Kubernetes API (see
+    /// [`kubeapi::KubeApiHandle`]); `None`: without.
+    pub fn with_kube_api(mut self, kube: Option<kubeapi::KubeApiHandle>) -> Self {
+        self.kube = kube;
         self
     }
 
@@ -373,8 +391,15 @@ impl Attributor {
             pod,
             ..Default::default()
         };
-        if let (Some(cri), Some(pod)) = (&self.cri, info.pod.clone()) {
-            cri.enrich(&pod, &mut info);
+        if let Some(pod) = info.pod.clone() {
+            // CRI first: the API then overrides service account and labels
+            // and fills only the names CRI left empty.
+            if let Some(cri) = &self.cri {
+                cri.enrich(&pod, &mut info);
+            }
+            if let Some(kube) = &self.kube {
+                kube.enrich(&pod.pod_uid, &mut info);
+            }
         }
         Some(info)
     }

@@ -705,6 +705,7 @@ pub(crate) mod testutil {
                 container_id: Some("3f2a".repeat(16)),
                 cgroup_id: 123,
                 cgroup_path: Some("/kubepods.slice/x.scope".into()),
+                ..Default::default()
             },
             process: Process {
                 pid: 42 + i,

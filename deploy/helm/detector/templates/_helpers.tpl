@@ -81,6 +81,8 @@ helm.sh/chart: {{ include "detector.chart" . }}
 {{- with .Values.config.credentialFiles }}{{ $_ := set $c "credential_file" . }}{{ end -}}
 {{- with .Values.config.trustedHostReaders }}{{ $_ := set $c "trusted_host_reader" . }}{{ end -}}
 {{- with .Values.config.denyCgroups }}{{ $_ := set $c "deny_cgroup" . }}{{ end -}}
+{{- /* No RBAC and no token mounted: do not even try the API. */ -}}
+{{- if not .Values.kubernetesApi.enabled }}{{ $_ := set $c "kube_api" "off" }}{{ end -}}
 {{- $sinks := dict -}}
 {{- range $k, $v := .Values.sinks -}}
 {{- if not (kindIs "invalid" $v) }}{{ $_ := set $sinks $k $v }}{{ end -}}
