@@ -40,9 +40,9 @@ fn duration_arg(s: &str) -> Result<Duration, String> {
 pub fn check_duration(d: Duration) -> Result<(), String> {
     if d > MAX_DURATION {
         return Err(format!(
-            "{} is longer than the maximum of {}",
+            "{} is longer than the maximum of {} days",
             humantime::format_duration(d),
-            humantime::format_duration(MAX_DURATION)
+            MAX_DURATION.as_secs() / 86_400
         ));
     }
     Ok(())
@@ -545,5 +545,119 @@ mod tests {
         let msg = err.to_string();
         assert!(msg.starts_with(&format!("{}:2:", cfg.display())), "{msg}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn parse(text: &str) -> Result<ConfigFile, Vec<String>> {
+        ConfigFile::parse(Path::new("c.yaml"), text)
+            .map_err(|e| e.0.iter().map(ToString::to_string).collect())
+    }
+
+    #[test]
+    fn config_errors_name_file_line_and_field() {
+        let e = parse("# detector\nmode: bogus\n").unwrap_err();
+        assert!(
+            e[0].starts_with("c.yaml:2: mode: unknown variant `bogus`"),
+            "{e:?}"
+        );
+        let e = parse("connect_dedup_ms: 1\nsinks:\n  webhook:\n    url: [a]\n").unwrap_err();
+        assert!(e[0].starts_with("c.yaml:4: sinks.webhook.url: "), "{e:?}");
+        let e = parse("sinks:\n  jsonl: {path: x, keep: 7, nope: 1}\n").unwrap_err();
+        assert!(
+            e[0].starts_with("c.yaml:2: sinks.jsonl: unknown field `nope`"),
+            "{e:?}"
+        );
+        // Values of the right type that would break the daemon. Durations
+        // beyond a year overflowed `Instant + duration` (a panic at run
+        // time); a huge queue_capacity panicked in tokio's channel; a huge
+        // keep made every rotation loop over billions of renames.
+        let e = parse(
+            "aggregate_window: 5000years\nsinks:\n  queue_capacity: 0\n  jsonl: {keep: 4294967295}\n  webhook:\n    url: ftp://x/\n    batch_max: 0\n    flush_interval: 584942417355y\n    headers: {\"Bad Name\": x, X-Key: \"secret\\x7f\"}\n  syslog: {address: \"\", facility: local9}\n",
+        )
+        .unwrap_err();
+        let want = [
+            "c.yaml:1: aggregate_window: 5000years is longer than the maximum of 365 days",
+            "c.yaml:3: sinks.queue_capacity: 0 is out of range; expected 1 to 1000000",
+            "c.yaml:4: sinks.jsonl.keep: 4294967295 is out of range; expected 0 to 1000",
+            "c.yaml:6: sinks.webhook.url: scheme \"ftp\"; expected http or https",
+            "c.yaml:7: sinks.webhook.batch_max: 0 is out of range; expected 1 to 100000",
+            "c.yaml:8: sinks.webhook.flush_interval: ",
+            "c.yaml:9: sinks.webhook.headers: invalid header name \"Bad Name\"",
+            "c.yaml:9: sinks.webhook.headers: invalid value of header \"X-Key\" (not shown)",
+            "c.yaml:10: sinks.syslog.facility: unknown syslog facility \"local9\"",
+            "c.yaml:10: sinks.syslog.address: must not be empty (host:port)",
+        ];
+        assert_eq!(e.len(), want.len(), "{e:#?}");
+        for w in want {
+            assert!(e.iter().any(|e| e.starts_with(w)), "{w} not in {e:#?}");
+        }
+        assert!(!e.iter().any(|e| e.contains("secret")), "{e:#?}");
+    }
+
+    #[test]
+    fn config_documents_and_hostile_shapes() {
+        // Empty files and empty documents are the default config.
+        for t in ["", "# nothing\n", "---\n", "---\n...\n", "~\n"] {
+            assert!(parse(t).is_ok(), "{t:?}");
+        }
+        assert!(parse("mode: observe\n---\n").is_ok());
+        let e = parse("mode: observe\n---\nmode: enforce\n").unwrap_err();
+        assert_eq!(
+            e,
+            ["c.yaml:3: a second YAML document; a config file holds one"]
+        );
+        // Syntax errors, an alias bomb, deep nesting: errors with a line.
+        let e = parse("mode: observe\nsinks: {\n").unwrap_err();
+        assert!(e[0].starts_with("c.yaml:3: "), "{e:?}");
+        let mut laughs = String::from("a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n");
+        for i in 1..10 {
+            let p = format!("*a{}", i - 1);
+            laughs.push_str(&format!("a{i}: &a{i} [{}]\n", vec![p; 10].join(", ")));
+        }
+        let e = parse(&laughs).unwrap_err();
+        assert!(e[0].starts_with("c.yaml:"), "{e:?}");
+        let e = parse(&format!("policy: {}\n", "[".repeat(100_000))).unwrap_err();
+        assert_eq!(e, ["c.yaml:1: nesting deeper than 64 levels of [ and {"]);
+        // The error at the end of the text stays on its last line.
+        let e = parse("sinks:\n  webhook: {url: [").unwrap_err();
+        assert!(e[0].starts_with("c.yaml:2: "), "{e:?}");
+    }
+
+    #[test]
+    fn config_files_are_bounded() {
+        // `--config /dev/zero` must not read for ever.
+        let e = ConfigFile::load(Path::new("/dev/zero")).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!("/dev/zero:1: config file larger than {MAX_CONFIG_BYTES} bytes")
+        );
+        let e = ConfigFile::load(Path::new("/nonexistent/c.yaml")).unwrap_err();
+        assert!(e
+            .to_string()
+            .starts_with("/nonexistent/c.yaml:1: cannot read config file"));
+    }
+
+    #[test]
+    fn duration_flags_are_bounded() {
+        // `--duration` was doubled unchecked (`Duration * 2` panics on
+        // overflow), and every duration ends up in `Instant + duration`.
+        for args in [
+            &[
+                "detector",
+                "learn",
+                "--duration",
+                "584942417355years",
+                "--output",
+                "x",
+            ][..],
+            &["detector", "run", "--learn-window", "5000years"][..],
+            &["detector", "run", "--rotation-grace", "366days"][..],
+        ] {
+            let e = Cli::try_parse_from(args).unwrap_err().to_string();
+            assert!(
+                e.contains("maximum") || e.contains("too large"),
+                "{args:?}: {e}"
+            );
+        }
+        assert!(Cli::try_parse_from(["detector", "run", "--aggregate-window", "365days"]).is_ok());
     }
 }

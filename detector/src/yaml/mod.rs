@@ -36,7 +36,25 @@ pub fn error_message(e: &serde_norway::Error) -> String {
             out = format!("{}integer {n} is out of range", &out[..a]);
         }
     }
-    out
+    escape_controls(&out)
+}
+
+/// `s` with control characters escaped (`\u{1b}`, `\n`): error messages echo
+/// keys and values from the file, and must not carry terminal escapes or
+/// line breaks of an attacker's choosing into a terminal or a log.
+pub fn escape_controls(s: &str) -> String {
+    if !s.chars().any(char::is_control) {
+        return s.to_string();
+    }
+    s.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }
 
 /// Flow collections (`[`, `{`) nested deeper than this are rejected before
@@ -123,5 +141,18 @@ mod tests {
         assert_eq!(e.location().map(|l| l.line()), Some(2));
         assert_eq!(clamp_line(text, 2), 1);
         assert_eq!(line_count("a\r\nb\rc\u{2028}d\n"), 5);
+    }
+
+    #[test]
+    fn messages_carry_no_control_characters() {
+        // Found by tests/hostile_input: a key with a NUL (or an ESC) was
+        // echoed raw in `unknown variant` and field-path messages.
+        let e = serde_norway::from_str::<std::collections::BTreeMap<String, u8>>(
+            "\"k\\e[31m\\0\": x\n",
+        )
+        .unwrap_err();
+        let m = error_message(&e);
+        assert!(!m.chars().any(char::is_control), "{m:?}");
+        assert!(m.contains("k\\u{1b}[31m\\0"), "{m}");
     }
 }

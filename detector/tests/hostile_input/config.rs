@@ -132,8 +132,9 @@ fn webhook() -> impl Strategy<Value = WebhookM> {
         (
             (
                 "https?",
-                // No all-digit last label: the URL parser reads that as IPv4.
-                "[a-z][a-z0-9-]{0,8}(\\.[a-z][a-z0-9-]{0,8}){0,2}",
+                // No all-digit last label (the URL parser reads that as
+                // IPv4), no `xn--` label (punycode, checked as such).
+                "[a-z][a-z0-9]{0,8}(\\.[a-z][a-z0-9]{0,8}){0,2}",
                 proptest::option::of(1u16..),
                 "(/[a-zA-Z0-9_.~-]{0,8}){0,3}",
             )
@@ -736,6 +737,10 @@ fn errors_are_located(text: &str) -> Result<Option<Vec<(usize, String)>>, TestCa
                     err.line >= 1 && err.line <= lines,
                     "error at line {} of {lines}: {err}\n--- text:\n{text:?}",
                     err.line
+                );
+                check!(
+                    !err.message.chars().any(char::is_control),
+                    "control character in {err:?}"
                 );
                 check!(
                     !err.message.trim().is_empty(),
