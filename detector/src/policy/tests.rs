@@ -761,5 +761,5 @@ fn a_duplicate_key_before_a_syntax_error_is_no_panic() {
         "a: 1\na: 2\n---\n{HEAD}metadata: {{name: a}}\nspec: {{selector: {{podUID: u}}, readers: 7}}\n"
     ));
     assert_eq!(e.len(), 2, "{e:?}");
-    assert!(e[1].starts_with("6: spec.readers: "), "{e:?}");
+    assert!(e[1].starts_with("7: spec.readers: "), "{e:?}");
 }

@@ -20,7 +20,7 @@ use proptest::{
     test_runner::{Config, RngAlgorithm, TestCaseError, TestError, TestRng, TestRunner},
 };
 
-pub const DEFAULT_SECS: f64 = 15.0;
+pub const DEFAULT_SECS: f64 = 10.0;
 
 /// Memory one input may make a parser hold at once. Generated inputs are at
 /// most a few hundred KiB; an alias bomb that expanded would need gigabytes.
