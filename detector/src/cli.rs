@@ -1,11 +1,52 @@
 //! Command line (the contract in ../shared/DESIGN.md) and the config file
 //! that can set every `run` flag.
 
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{
+    fmt,
+    io::Read,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::{Parser, Subcommand, ValueEnum};
 use serde::Deserialize;
+use serde_norway::Value;
+
+use crate::yaml::{
+    clamp_line, error_message,
+    locate::{best_line, line_of, FieldPath, Target},
+    too_deep, MAX_FLOW_DEPTH,
+};
+
+/// Longest duration any setting accepts. A year is beyond any sensible
+/// window, and it keeps `Instant::now() + duration` (done with most of them)
+/// far from overflowing, which would panic.
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// Config files larger than this are refused: a config is a few hundred
+/// bytes, and this bounds what `--config /dev/zero` or a hostile file costs.
+pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
+/// A duration flag (`10m`, `1h30m`), at most [`MAX_DURATION`].
+fn duration_arg(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    check_duration(d)?;
+    Ok(d)
+}
+
+/// `Err` with the reason when `d` is longer than [`MAX_DURATION`].
+pub fn check_duration(d: Duration) -> Result<(), String> {
+    if d > MAX_DURATION {
+        return Err(format!(
+            "{} is longer than the maximum of {} days",
+            humantime::format_duration(d),
+            MAX_DURATION.as_secs() / 86_400
+        ));
+    }
+    Ok(())
+}
 
 use crate::attribution::kubeapi::{KubeApiConfig, KubeApiMode};
 
@@ -55,7 +96,7 @@ pub enum Command {
 #[derive(Debug, clap::Args)]
 pub struct LearnArgs {
     /// How long to observe.
-    #[arg(long, value_parser = humantime::parse_duration)]
+    #[arg(long, value_parser = duration_arg)]
     pub duration: Duration,
     /// Where to write the intents.
     #[arg(long)]
@@ -183,7 +224,7 @@ pub struct RunArgs {
     /// Workloads with no declared intent: learn their readers and
     /// destinations for this long after first seeing them, then report
     /// deviations [default: 10m]. `0s` judges at once (everything is new).
-    #[arg(long, value_parser = humantime::parse_duration)]
+    #[arg(long, value_parser = duration_arg)]
     pub learn_window: Option<Duration>,
     /// Write the learned intents (WorkloadIntent YAML) here at exit.
     #[arg(long)]
@@ -192,7 +233,7 @@ pub struct RunArgs {
     #[arg(long, value_enum)]
     pub kill_scope: Option<KillScope>,
     /// Fold repeated identical findings for this long [default: 60s].
-    #[arg(long, value_parser = humantime::parse_duration)]
+    #[arg(long, value_parser = duration_arg)]
     pub aggregate_window: Option<Duration>,
     /// Host executables allowed to read any pod's credential
     /// [default: kubelet in /usr/bin, /usr/local/bin].
@@ -200,7 +241,7 @@ pub struct RunArgs {
     pub trusted_host_reader: Vec<String>,
     /// How long a credential that disappeared (rotated away, pod removed)
     /// stays watched: a process may still read the old file [default: 2m].
-    #[arg(long, value_parser = humantime::parse_duration)]
+    #[arg(long, value_parser = duration_arg)]
     pub rotation_grace: Option<Duration>,
     /// CRI runtime socket for pod names and labels
     /// [default: found automatically among the usual paths].
@@ -270,6 +311,167 @@ pub struct ConfigFile {
     pub sinks: Option<crate::sinks::SinksConfig>,
 }
 
+/// One problem of a config file, as `file:line: message`; the message
+/// starts with the field's name when it is about one field.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    /// 1-based.
+    pub line: usize,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}: {}", self.file.display(), self.line, self.message)
+    }
+}
+
+/// Every problem found in a config file (at least one), one per line.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl ConfigFile {
+    /// Read and parse the config file at `path` (see [`ConfigFile::parse`]).
+    pub fn load(path: &Path) -> Result<ConfigFile, ConfigErrors> {
+        let one = |line: usize, message: String| {
+            ConfigErrors(vec![ConfigError {
+                file: path.into(),
+                line,
+                message,
+            }])
+        };
+        let mut bytes = Vec::new();
+        std::fs::File::open(path)
+            .and_then(|f| f.take(MAX_CONFIG_BYTES + 1).read_to_end(&mut bytes))
+            .map_err(|e| one(1, format!("cannot read config file: {e}")))?;
+        if bytes.len() as u64 > MAX_CONFIG_BYTES {
+            return Err(one(
+                1,
+                format!("config file larger than {MAX_CONFIG_BYTES} bytes"),
+            ));
+        }
+        let text = std::str::from_utf8(&bytes).map_err(|e| {
+            let line = 1 + bytes[..e.valid_up_to()]
+                .iter()
+                .filter(|&&b| b == b'\n')
+                .count();
+            one(line, "not valid UTF-8 text".into())
+        })?;
+        Self::parse(path, text)
+    }
+
+    /// Parse a config file's text (`file` only names it in errors). One YAML
+    /// document (further empty documents are fine); empty text is the
+    /// default config. Errors carry the line of the offending field, and
+    /// values are checked beyond their types: durations at most
+    /// [`MAX_DURATION`], and the sinks' settings (see
+    /// [`SinksConfig::problems`](crate::sinks::SinksConfig::problems)).
+    pub fn parse(file: &Path, text: &str) -> Result<ConfigFile, ConfigErrors> {
+        let one = |line: usize, message: String| {
+            ConfigErrors(vec![ConfigError {
+                file: file.into(),
+                line,
+                message,
+            }])
+        };
+        let located = |e: &serde_norway::Error| {
+            one(
+                clamp_line(text, e.location().map_or(1, |l| l.line())),
+                error_message(e),
+            )
+        };
+        if let Some(line) = too_deep(text) {
+            return Err(one(
+                line,
+                format!("nesting deeper than {MAX_FLOW_DEPTH} levels of [ and {{"),
+            ));
+        }
+        // First as plain YAML: syntax errors, alias bombs and recursion are
+        // caught here by the parser's own limits, whatever the shape.
+        let mut is_empty = true;
+        for (i, doc) in serde_norway::Deserializer::from_str(text).enumerate() {
+            let value = Value::deserialize(doc).map_err(|e| located(&e))?;
+            if value.is_null() {
+                continue;
+            }
+            if i > 0 {
+                let line = line_of(text, i, &FieldPath::root(), Target::Value).unwrap_or(1);
+                return Err(one(
+                    line,
+                    "a second YAML document; a config file holds one".into(),
+                ));
+            }
+            is_empty = false;
+        }
+        if is_empty {
+            return Ok(ConfigFile::default());
+        }
+        // Then typed, from the text again, so errors carry positions.
+        let doc = serde_norway::Deserializer::from_str(text)
+            .next()
+            .ok_or_else(|| one(1, "no YAML document".into()))?;
+        let config = ConfigFile::deserialize(doc).map_err(|e| located(&e))?;
+        let problems = config.problems();
+        if problems.is_empty() {
+            return Ok(config);
+        }
+        Err(ConfigErrors(
+            problems
+                .into_iter()
+                .map(|(path, message)| {
+                    let fp = FieldPath(
+                        path.split('.')
+                            .map(|k| crate::yaml::locate::Seg::Key(k.into()))
+                            .collect(),
+                    );
+                    ConfigError {
+                        file: file.into(),
+                        line: best_line(text, 0, &fp, Target::Value, 1),
+                        message: format!("{path}: {message}"),
+                    }
+                })
+                .collect(),
+        ))
+    }
+
+    /// Values that have the right type but would break the daemon:
+    /// (dotted field path, why).
+    pub fn problems(&self) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        for (name, d) in [
+            ("learn_window", self.learn_window),
+            ("aggregate_window", self.aggregate_window),
+            ("rotation_grace", self.rotation_grace),
+        ] {
+            if let Some(Err(why)) = d.map(check_duration) {
+                out.push((name.to_string(), why));
+            }
+        }
+        if let Some(sinks) = &self.sinks {
+            out.extend(
+                sinks
+                    .problems()
+                    .into_iter()
+                    .map(|(p, why)| (format!("sinks.{p}"), why)),
+            );
+        }
+        out
+    }
+}
+
 /// `run` settings after merging flags, config file and defaults.
 #[derive(Clone, Debug)]
 pub struct RunSettings {
@@ -313,6 +515,7 @@ impl LearnArgs {
     pub fn resolve(self) -> Result<RunSettings> {
         let mut s = self.run.resolve()?;
         // Learn for longer than we run, so nothing is judged meanwhile.
+        // (`--duration` is at most MAX_DURATION, so this cannot overflow.)
         s.learn_window = self.duration * 2 + Duration::from_secs(60);
         s.learn_output = Some(self.output);
         s.stop_after = Some(self.duration);
@@ -323,14 +526,7 @@ impl LearnArgs {
 impl RunArgs {
     pub fn resolve(self) -> Result<RunSettings> {
         let file = match &self.config {
-            Some(path) => {
-                let text = std::fs::read_to_string(path)
-                    .with_context(|| format!("reading config file {}", path.display()))?;
-                serde_norway::from_str::<ConfigFile>(&text).map_err(|e| {
-                    let line = e.location().map(|l| l.line()).unwrap_or(0);
-                    anyhow::anyhow!("{}:{}: {}", path.display(), line, e)
-                })?
-            }
+            Some(path) => ConfigFile::load(path)?,
             None => ConfigFile::default(),
         };
         let mut sinks = file.sinks.unwrap_or_default();
@@ -486,5 +682,119 @@ mod tests {
         let msg = err.to_string();
         assert!(msg.starts_with(&format!("{}:2:", cfg.display())), "{msg}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn parse(text: &str) -> Result<ConfigFile, Vec<String>> {
+        ConfigFile::parse(Path::new("c.yaml"), text)
+            .map_err(|e| e.0.iter().map(ToString::to_string).collect())
+    }
+
+    #[test]
+    fn config_errors_name_file_line_and_field() {
+        let e = parse("# detector\nmode: bogus\n").unwrap_err();
+        assert!(
+            e[0].starts_with("c.yaml:2: mode: unknown variant `bogus`"),
+            "{e:?}"
+        );
+        let e = parse("connect_dedup_ms: 1\nsinks:\n  webhook:\n    url: [a]\n").unwrap_err();
+        assert!(e[0].starts_with("c.yaml:4: sinks.webhook.url: "), "{e:?}");
+        let e = parse("sinks:\n  jsonl: {path: x, keep: 7, nope: 1}\n").unwrap_err();
+        assert!(
+            e[0].starts_with("c.yaml:2: sinks.jsonl: unknown field `nope`"),
+            "{e:?}"
+        );
+        // Values of the right type that would break the daemon. Durations
+        // beyond a year overflowed `Instant + duration` (a panic at run
+        // time); a huge queue_capacity panicked in tokio's channel; a huge
+        // keep made every rotation loop over billions of renames.
+        let e = parse(
+            "aggregate_window: 5000years\nsinks:\n  queue_capacity: 0\n  jsonl: {keep: 4294967295}\n  webhook:\n    url: ftp://x/\n    batch_max: 0\n    flush_interval: 5000years\n    headers: {\"Bad Name\": x, X-Key: \"secret\\x7f\"}\n  syslog: {address: \"\", facility: local9}\n",
+        )
+        .unwrap_err();
+        let want = [
+            "c.yaml:1: aggregate_window: 5000years is longer than the maximum of 365 days",
+            "c.yaml:3: sinks.queue_capacity: 0 is out of range; expected 1 to 1000000",
+            "c.yaml:4: sinks.jsonl.keep: 4294967295 is out of range; expected 0 to 1000",
+            "c.yaml:6: sinks.webhook.url: scheme \"ftp\"; expected http or https",
+            "c.yaml:7: sinks.webhook.batch_max: 0 is out of range; expected 1 to 100000",
+            "c.yaml:8: sinks.webhook.flush_interval: 5000years is longer than the maximum of 365 days",
+            "c.yaml:9: sinks.webhook.headers: invalid header name \"Bad Name\"",
+            "c.yaml:9: sinks.webhook.headers: invalid value of header \"X-Key\" (not shown)",
+            "c.yaml:10: sinks.syslog.facility: unknown syslog facility \"local9\"",
+            "c.yaml:10: sinks.syslog.address: must not be empty (host:port)",
+        ];
+        assert_eq!(e.len(), want.len(), "{e:#?}");
+        for w in want {
+            assert!(e.iter().any(|e| e.starts_with(w)), "{w} not in {e:#?}");
+        }
+        assert!(!e.iter().any(|e| e.contains("secret")), "{e:#?}");
+    }
+
+    #[test]
+    fn config_documents_and_hostile_shapes() {
+        // Empty files and empty documents are the default config.
+        for t in ["", "# nothing\n", "---\n", "---\n...\n", "~\n"] {
+            assert!(parse(t).is_ok(), "{t:?}");
+        }
+        assert!(parse("mode: observe\n---\n").is_ok());
+        let e = parse("mode: observe\n---\nmode: enforce\n").unwrap_err();
+        assert_eq!(
+            e,
+            ["c.yaml:3: a second YAML document; a config file holds one"]
+        );
+        // Syntax errors, an alias bomb, deep nesting: errors with a line.
+        let e = parse("mode: observe\nsinks: {\n").unwrap_err();
+        assert!(e[0].starts_with("c.yaml:3: "), "{e:?}");
+        let mut laughs = String::from("a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n");
+        for i in 1..10 {
+            let p = format!("*a{}", i - 1);
+            laughs.push_str(&format!("a{i}: &a{i} [{}]\n", vec![p; 10].join(", ")));
+        }
+        let e = parse(&laughs).unwrap_err();
+        assert!(e[0].starts_with("c.yaml:"), "{e:?}");
+        let e = parse(&format!("policy: {}\n", "[".repeat(100_000))).unwrap_err();
+        assert_eq!(e, ["c.yaml:1: nesting deeper than 64 levels of [ and {"]);
+        // The error at the end of the text stays on its last line.
+        let e = parse("sinks:\n  webhook: {url: [").unwrap_err();
+        assert!(e[0].starts_with("c.yaml:2: "), "{e:?}");
+    }
+
+    #[test]
+    fn config_files_are_bounded() {
+        // `--config /dev/zero` must not read for ever.
+        let e = ConfigFile::load(Path::new("/dev/zero")).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!("/dev/zero:1: config file larger than {MAX_CONFIG_BYTES} bytes")
+        );
+        let e = ConfigFile::load(Path::new("/nonexistent/c.yaml")).unwrap_err();
+        assert!(e
+            .to_string()
+            .starts_with("/nonexistent/c.yaml:1: cannot read config file"));
+    }
+
+    #[test]
+    fn duration_flags_are_bounded() {
+        // `--duration` was doubled unchecked (`Duration * 2` panics on
+        // overflow), and every duration ends up in `Instant + duration`.
+        for args in [
+            &[
+                "detector",
+                "learn",
+                "--duration",
+                "584942417355years",
+                "--output",
+                "x",
+            ][..],
+            &["detector", "run", "--learn-window", "5000years"][..],
+            &["detector", "run", "--rotation-grace", "366days"][..],
+        ] {
+            let e = Cli::try_parse_from(args).unwrap_err().to_string();
+            assert!(
+                e.contains("maximum") || e.contains("too large"),
+                "{args:?}: {e}"
+            );
+        }
+        assert!(Cli::try_parse_from(["detector", "run", "--aggregate-window", "365days"]).is_ok());
     }
 }

@@ -10,6 +10,7 @@
 //! - `finding`: the finding contract
 //! - `sinks`: where findings go (JSON lines, webhook, syslog/CEF, OCSF)
 //! - `observe`: Prometheus metrics, /healthz, /readyz
+//! - `yaml`: hostile-input guards and error lines for YAML files (intents, config)
 pub mod aggregate;
 pub mod attribution;
 pub mod btf;
@@ -29,3 +30,4 @@ pub mod observe;
 pub mod policy;
 pub mod process;
 pub mod sinks;
+pub mod yaml;

@@ -15,11 +15,15 @@ use ipnet::IpNet;
 use serde::Deserialize;
 use serde_norway::Value;
 
-use super::{
-    dns::DnsTable,
+use crate::yaml::{
+    clamp_line, error_message,
     locate::{best_line, line_of, FieldPath, Target as At},
-    CgroupGlob, Destination, Intent, IntentSet, PolicyError, Ports, Reader, Selector, Target,
-    API_VERSION, KIND,
+    too_deep, MAX_FLOW_DEPTH,
+};
+
+use super::{
+    dns::DnsTable, CgroupGlob, Destination, Intent, IntentSet, PolicyError, Ports, Reader,
+    Selector, Target, API_VERSION, KIND,
 };
 
 /// Files larger than this are rejected: intents are small, a ConfigMap holds
@@ -190,6 +194,18 @@ pub fn load_str(file: &Path, text: &str, dns: &DnsTable) -> Result<IntentSet, Lo
     }
 }
 
+/// The error that stops document `doc` of `text` from loading, if any.
+/// `IgnoredAny` accepts duplicate keys, so this is the parser's own error.
+fn load_error(text: &str, doc: usize) -> Option<serde_norway::Error> {
+    let de = serde_norway::Deserializer::from_str(text).nth(doc)?;
+    serde::de::IgnoredAny::deserialize(de).err()
+}
+
+/// A YAML syntax error's message, without the parser's own position.
+fn syntax_message(e: &serde_norway::Error) -> String {
+    format!("YAML: {}", error_message(e))
+}
+
 fn check_duplicates(intents: &[Intent], errors: &mut Vec<PolicyError>) {
     let mut first: HashMap<(&str, &str), &Intent> = HashMap::new();
     for i in intents {
@@ -209,39 +225,6 @@ fn check_duplicates(intents: &[Intent], errors: &mut Vec<PolicyError>) {
             }
         }
     }
-}
-
-/// A YAML syntax error message without serde_norway's own "at line L column C".
-fn syntax_message(e: &serde_norway::Error) -> String {
-    let s = e.to_string();
-    let mut out = String::with_capacity(s.len());
-    let mut rest = s.as_str();
-    // Drop every " at line N column M" (the line is reported up front).
-    while let Some(i) = rest.find(" at line ") {
-        out.push_str(&rest[..i]);
-        let after = &rest[i + " at line ".len()..];
-        let digits = |t: &str| t.bytes().take_while(u8::is_ascii_digit).count();
-        let n = digits(after);
-        let skip = match after[n..].strip_prefix(" column ") {
-            Some(col) if n > 0 && digits(col) > 0 => {
-                " at line ".len() + n + " column ".len() + digits(col)
-            }
-            _ => {
-                out.push_str(" at line ");
-                " at line ".len()
-            }
-        };
-        rest = &rest[i + skip..];
-    }
-    out.push_str(rest);
-    // Integers beyond 64 bits: say so plainly.
-    if let (Some(a), Some(b)) = (out.find("invalid type: integer `"), out.find("` as ")) {
-        if b > a && (out.ends_with("expected any YAML value")) {
-            let n = &out[a + "invalid type: integer `".len()..b];
-            out = format!("{}integer {n} is out of range", &out[..a]);
-        }
-    }
-    format!("YAML: {out}")
 }
 
 fn parse_text(
@@ -273,7 +256,7 @@ fn parse_text(
         let value = match Value::deserialize(de) {
             Ok(v) => v,
             Err(e) => {
-                let line = e.location().map(|l| l.line()).unwrap_or(1);
+                let line = clamp_line(text, e.location().map_or(1, |l| l.line()));
                 let message = syntax_message(&e);
                 found.push(PolicyError {
                     file: file.into(),
@@ -281,10 +264,30 @@ fn parse_text(
                     message,
                 });
                 // The parser cannot resynchronise after a syntax error (it
-                // would repeat it for ever): stop reading this file. Only a
-                // duplicate key leaves the stream intact.
+                // would repeat it for ever, and deserializing what is left
+                // of the document panics inside serde_norway): stop reading
+                // this file. A duplicate key is only a complaint about a
+                // document that otherwise loaded, so reading may go on, if
+                // the document really loaded in full.
                 if e.to_string().contains("duplicate entry") {
-                    continue;
+                    if let Some(e) = load_error(text, doc) {
+                        found.push(PolicyError {
+                            file: file.into(),
+                            line: clamp_line(text, e.location().map_or(1, |l| l.line())),
+                            message: syntax_message(&e),
+                        });
+                        break;
+                    }
+                    // Capped like any other error: a stream of documents
+                    // with duplicate keys must not yield unbounded errors.
+                    if found.len() < MAX_ERRORS_PER_FILE {
+                        continue;
+                    }
+                    found.push(PolicyError {
+                        file: file.into(),
+                        line,
+                        message: "too many errors; stopped reading this file".into(),
+                    });
                 }
                 break;
             }
@@ -360,55 +363,6 @@ fn parse_text(
         intents.clear();
     }
     (intents, warnings)
-}
-
-/// Flow collections (`[`, `{`) nested deeper than this are rejected before
-/// parsing: libyaml's scanner is quadratic in the nesting depth (100,000
-/// levels take ~20 s), and intents nest 4 levels deep.
-const MAX_FLOW_DEPTH: usize = 64;
-
-/// The line where flow nesting first exceeds [`MAX_FLOW_DEPTH`], if it does.
-/// Brackets inside quotes and comments do not count; unbalanced closing
-/// brackets are ignored (the parser reports those).
-fn too_deep(text: &str) -> Option<usize> {
-    let (mut depth, mut line) = (0usize, 1usize);
-    let (mut single, mut double, mut comment, mut escaped) = (false, false, false, false);
-    let mut prev = b'\n';
-    for &b in text.as_bytes() {
-        if b == b'\n' {
-            line += 1;
-            comment = false;
-        } else if comment {
-        } else if double {
-            if escaped {
-                escaped = false;
-            } else if b == b'\\' {
-                escaped = true;
-            } else if b == b'"' {
-                double = false;
-            }
-        } else if single {
-            if b == b'\'' {
-                single = false;
-            }
-        } else {
-            match b {
-                b'#' if prev.is_ascii_whitespace() => comment = true,
-                b'"' => double = true,
-                b'\'' if depth > 0 || prev.is_ascii_whitespace() || prev == b':' => single = true,
-                b'[' | b'{' => {
-                    depth += 1;
-                    if depth > MAX_FLOW_DEPTH {
-                        return Some(line);
-                    }
-                }
-                b']' | b'}' => depth = depth.saturating_sub(1),
-                _ => {}
-            }
-        }
-        prev = b;
-    }
-    None
 }
 
 struct Problem {

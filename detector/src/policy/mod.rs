@@ -57,7 +57,6 @@ use crate::correlate::{IntentRef, Judge, WorkloadCtx};
 pub mod dns;
 pub mod kernel;
 mod load;
-mod locate;
 pub mod reload;
 
 pub use dns::{spawn_resolver, DnsTable};

@@ -725,3 +725,41 @@ fn worst_case_file_is_checked_in_bounded_time() {
         t0.elapsed()
     );
 }
+
+#[test]
+fn duplicate_keys_in_many_documents_are_capped() {
+    // Found while writing tests/hostile_input: a duplicate key does not stop the
+    // reading (the stream stays intact), so each document added an error
+    // beyond the per-file cap.
+    let text = "a: 1\na: 2\n---\n".repeat(200);
+    let e = load_str(Path::new("t.yaml"), &text, &dns()).unwrap_err();
+    assert_eq!(e.errors.len(), load::MAX_ERRORS_PER_FILE + 1, "{e}");
+    assert_eq!(
+        e.errors.last().unwrap().message,
+        "too many errors; stopped reading this file"
+    );
+}
+
+#[test]
+fn a_duplicate_key_before_a_syntax_error_is_no_panic() {
+    // Found by tests/hostile_input (intent/arbitrary): after the duplicate
+    // key the loop read on, and serde_norway panicked ("unexpected end of
+    // mapping") on what was left of the document the unknown alias broke.
+    let e = errs("a: 1\na: 2\nb: *a");
+    assert_eq!(
+        e,
+        vec![
+            "1: YAML: duplicate entry with key \"a\"",
+            "3: YAML: unknown anchor",
+        ]
+    );
+    // The fuzzer's own input.
+    let e = errs("a: &x [1, 2]\nb: *x\na: &x [1, 2]\nb: *x\n<<: *a");
+    assert_eq!(e.len(), 2, "{e:?}");
+    // A duplicate key alone still lets the next documents be read.
+    let e = errs(&format!(
+        "a: 1\na: 2\n---\n{HEAD}metadata: {{name: a}}\nspec: {{selector: {{podUID: u}}, readers: 7}}\n"
+    ));
+    assert_eq!(e.len(), 2, "{e:?}");
+    assert!(e[1].starts_with("7: spec.readers: "), "{e:?}");
+}

@@ -89,6 +89,95 @@ impl Default for SinksConfig {
     }
 }
 
+/// Largest `queue_capacity`: a million findings in memory per sink is
+/// already far more than a burst needs (tokio's channel would panic near
+/// `usize::MAX >> 3`).
+pub const MAX_QUEUE_CAPACITY: usize = 1_000_000;
+/// Largest `keep` of a rotated file: each rotation renames every kept file.
+pub const MAX_KEEP: u32 = 1000;
+/// Largest webhook `batch_max`.
+pub const MAX_BATCH: usize = 100_000;
+
+impl SinksConfig {
+    /// Values that parse but would break a sink or the daemon, as (field
+    /// path relative to `sinks`, why). Checked when the config file is read,
+    /// so the error names the file and line rather than failing at start-up.
+    pub fn problems(&self) -> Vec<(String, String)> {
+        let mut out: Vec<(String, String)> = Vec::new();
+        let mut bad = |path: &str, why: String| out.push((path.to_string(), why));
+        if self.queue_capacity == 0 || self.queue_capacity > MAX_QUEUE_CAPACITY {
+            bad(
+                "queue_capacity",
+                format!(
+                    "{} is out of range; expected 1 to {MAX_QUEUE_CAPACITY}",
+                    self.queue_capacity
+                ),
+            );
+        }
+        let keep = |name: &str, keep: u32, bad: &mut dyn FnMut(&str, String)| {
+            if keep > MAX_KEEP {
+                bad(
+                    &format!("{name}.keep"),
+                    format!("{keep} is out of range; expected 0 to {MAX_KEEP}"),
+                );
+            }
+        };
+        if let Some(j) = &self.jsonl {
+            keep("jsonl", j.keep, &mut bad);
+        }
+        if let Some(o) = &self.ocsf {
+            keep("ocsf", o.keep, &mut bad);
+        }
+        if let Some(w) = &self.webhook {
+            match reqwest::Url::parse(&w.url) {
+                Ok(u) if matches!(u.scheme(), "http" | "https") => {}
+                Ok(u) => bad(
+                    "webhook.url",
+                    format!("scheme {:?}; expected http or https", u.scheme()),
+                ),
+                Err(e) => bad("webhook.url", format!("not a URL: {e}")),
+            }
+            if w.batch_max == 0 || w.batch_max > MAX_BATCH {
+                bad(
+                    "webhook.batch_max",
+                    format!("{} is out of range; expected 1 to {MAX_BATCH}", w.batch_max),
+                );
+            }
+            for (name, d) in [
+                ("flush_interval", w.flush_interval),
+                ("timeout", w.timeout),
+                ("retry_initial", w.retry_initial),
+                ("retry_max", w.retry_max),
+            ] {
+                if let Err(why) = crate::cli::check_duration(d) {
+                    bad(&format!("webhook.{name}"), why);
+                }
+            }
+            for (k, v) in &w.headers {
+                if http::HeaderName::from_bytes(k.as_bytes()).is_err() {
+                    bad("webhook.headers", format!("invalid header name {k:?}"));
+                }
+                // The value may be a secret: never echo it.
+                if http::HeaderValue::from_str(v).is_err() {
+                    bad(
+                        "webhook.headers",
+                        format!("invalid value of header {k:?} (not shown)"),
+                    );
+                }
+            }
+        }
+        if let Some(sl) = &self.syslog {
+            if let Err(e) = syslog::facility_number(&sl.facility) {
+                bad("syslog.facility", e.to_string());
+            }
+            if sl.address.trim().is_empty() {
+                bad("syslog.address", "must not be empty (host:port)".into());
+            }
+        }
+        out
+    }
+}
+
 fn default_jsonl() -> Option<JsonlConfig> {
     Some(JsonlConfig::default())
 }

@@ -47,7 +47,17 @@ impl FieldPath {
 impl fmt::Display for FieldPath {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for (i, s) in self.0.iter().enumerate() {
+            // Keys come from the file: quote the odd ones (control
+            // characters, separators) so the path reads unambiguously and
+            // carries nothing raw into a terminal.
+            let odd = |k: &str| {
+                k.is_empty()
+                    || k.chars()
+                        .any(|c| c.is_control() || c.is_whitespace() || ".[]\"".contains(c))
+            };
             match s {
+                Seg::Key(k) if odd(k) && i == 0 => write!(f, "{k:?}")?,
+                Seg::Key(k) if odd(k) => write!(f, ".{k:?}")?,
                 Seg::Key(k) if i == 0 => write!(f, "{k}")?,
                 Seg::Key(k) => write!(f, ".{k}")?,
                 Seg::Index(n) => write!(f, "[{n}]")?,
@@ -353,5 +363,7 @@ spec:
         let missing = p(&[k("spec"), k("selector"), k("podUID")]);
         assert_eq!(best_line(DOC, 1, &missing, Target::Key, 3), 5);
         assert_eq!(d1.to_string(), "spec.destinations[1].cidr");
+        let odd = p(&[k("spec"), k("a\u{1b}[2J"), k("x.y")]);
+        assert_eq!(odd.to_string(), "spec.\"a\\u{1b}[2J\".\"x.y\"");
     }
 }
