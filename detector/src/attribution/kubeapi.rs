@@ -58,6 +58,8 @@ const GONE_AGAIN: Duration = Duration::from_secs(10);
 /// resumed only after a backoff step, so a proxy that closes every stream
 /// at once cannot make us spin.
 const SHORT_WATCH: Duration = Duration::from_secs(1);
+/// A watch that lasted this long proves the API healthy: backoff reset.
+const HEALTHY_WATCH: Duration = Duration::from_secs(30);
 
 // ---------------------------------------------------------------------------
 // Configuration
@@ -777,12 +779,15 @@ impl Backoff {
     }
 }
 
-/// One warning per streak of failures, then rarely.
+/// One warning per streak of failures, then rarely; an API that flaps
+/// (lists, then fails) warns and notes its recovery at most once a minute.
 #[derive(Default)]
 struct Complaints {
+    /// Failures of the current streak.
     failures: u64,
     last_warn: Option<Instant>,
     last_reason: Option<&'static str>,
+    last_recovery_note: Option<Instant>,
 }
 
 impl Complaints {
@@ -795,7 +800,8 @@ impl Complaints {
             Some(t) => {
                 let since = now.duration_since(t);
                 since >= WARN_AGAIN
-                    || (self.last_reason != Some(reason) && since >= WARN_NEW_REASON)
+                    || (since >= WARN_NEW_REASON
+                        && (self.failures == 1 || self.last_reason != Some(reason)))
             }
         };
         if due {
@@ -805,11 +811,19 @@ impl Complaints {
         due
     }
 
-    /// The number of failures of the streak that just ended.
-    fn recovered(&mut self) -> u64 {
-        let n = self.failures;
-        *self = Complaints::default();
-        n
+    /// The streak ended: its number of failures, and whether to say so at
+    /// info level (else debug).
+    fn recovered(&mut self) -> (u64, bool) {
+        let n = std::mem::take(&mut self.failures);
+        let now = Instant::now();
+        let say = n > 0
+            && self
+                .last_recovery_note
+                .is_none_or(|t| now.duration_since(t) >= WARN_NEW_REASON);
+        if say {
+            self.last_recovery_note = Some(now);
+        }
+        (n, say)
     }
 }
 
@@ -877,23 +891,30 @@ impl Watcher {
             .replace(pods);
         self.metrics.pods.set(n as i64);
         self.metrics.up.set(1);
-        let failures = complaints.recovered();
-        if *first || failures > 0 {
+        let (failures, say) = complaints.recovered();
+        if *first || say {
             info!(url = %self.ep.base, node = %self.ep.node, pods = n, failed_attempts = failures,
                 "Kubernetes API enrichment available: service accounts and labels of this node's pods");
             *first = false;
         } else {
-            debug!(pods = n, "relisted this node's pods");
+            debug!(
+                pods = n,
+                failed_attempts = failures,
+                "relisted this node's pods"
+            );
         }
-        backoff.reset();
+        // The backoff is reset only by a watch that held: an API that
+        // lists but cannot watch must not be relisted in a tight loop.
         loop {
             let started = Instant::now();
-            client.watch(&mut rv, &self.index, &self.metrics).await?;
+            let r = client.watch(&mut rv, &self.index, &self.metrics).await;
+            if started.elapsed() >= HEALTHY_WATCH {
+                backoff.reset();
+            }
+            r?;
             debug!(resource_version = %rv, "watch ended by the server; resuming");
             if started.elapsed() < SHORT_WATCH {
                 tokio::time::sleep(backoff.step()).await;
-            } else {
-                backoff.reset();
             }
         }
     }
@@ -1449,8 +1470,18 @@ mod tests {
         assert!(!c.failed("unauthorized"));
         c.last_warn = Some(Instant::now() - WARN_AGAIN);
         assert!(c.failed("unauthorized"), "again after 5 minutes");
-        assert_eq!(c.recovered(), 6);
-        assert!(c.failed("connect"), "a new streak warns at once");
+        assert_eq!(c.recovered(), (6, true), "the first recovery is told");
+        // Flapping: list works, the watch fails, again and again.
+        assert!(
+            !c.failed("connect"),
+            "a new streak within a minute is quiet"
+        );
+        assert_eq!(c.recovered(), (1, false), "and so is its recovery");
+        c.last_warn = Some(Instant::now() - WARN_NEW_REASON);
+        c.last_recovery_note = Some(Instant::now() - WARN_NEW_REASON);
+        assert!(c.failed("connect"), "a new streak a minute later warns");
+        assert_eq!(c.recovered(), (1, true));
+        assert_eq!(c.recovered(), (0, false), "no streak, nothing to tell");
     }
 
     #[test]
