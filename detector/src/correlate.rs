@@ -357,6 +357,14 @@ impl Correlator {
             .clone()
     }
 
+    /// What is known about workloads changed (e.g. the Kubernetes API data):
+    /// resolve every cached workload again at its next event.
+    pub fn invalidate_workloads(&mut self) {
+        for e in self.cgroups.values_mut() {
+            e.resolved_ns = 0;
+        }
+    }
+
     /// Number of cgroups whose workload is cached.
     pub fn cached_workloads(&self) -> usize {
         self.cgroups.len()

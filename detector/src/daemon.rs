@@ -145,6 +145,7 @@ struct Pipeline {
     batch: Batch,
     /// Credential opens from the fanotify sensor, merged into `batch` by time.
     opens: Vec<crate::events::CredentialAccess>,
+    enrichment_seen: u64,
     correlator: Correlator,
     learner: Learner,
     declared: Arc<IntentSet>,
@@ -178,6 +179,12 @@ impl Pipeline {
 
     /// One typed event, from the ring buffer or the fanotify sensor.
     fn handle_event(&mut self, sensors: &mut Sensors, event: Event, now_ns: u64) {
+        let enrichment = self.attribution.enrichment_generation();
+        if enrichment != self.enrichment_seen {
+            // The API's pods changed (labels, deletions): no stale workload.
+            self.enrichment_seen = enrichment;
+            self.correlator.invalidate_workloads();
+        }
         let kind = event.kind();
         if let Some(slot) = self.events_by_kind.get_mut(kind as usize) {
             let events = &self.metrics.events;
@@ -582,6 +589,7 @@ pub async fn run(settings: RunSettings) -> Result<()> {
         coverage: Coverage::default(),
         batch: Batch::default(),
         opens: Vec::new(),
+        enrichment_seen: 0,
         correlator,
         learner: Learner::new(settings.learn_window.as_nanos() as u64),
         declared: Arc::new(IntentSet::new(Vec::new())),

@@ -380,10 +380,14 @@ impl ApiPod {
 pub struct PodIndex {
     pods: HashMap<String, ApiPod>,
     mirrors: HashMap<String, String>,
+    /// Bumped on every change, so caches of enriched workloads know when to
+    /// resolve again.
+    generation: u64,
 }
 
 impl PodIndex {
     pub fn replace(&mut self, pods: Vec<ApiPod>) {
+        self.generation += 1;
         self.pods.clear();
         self.mirrors.clear();
         for p in pods {
@@ -393,6 +397,7 @@ impl PodIndex {
     }
 
     pub fn upsert(&mut self, p: ApiPod) {
+        self.generation += 1;
         if let Some(old) = self.pods.get(&p.uid).and_then(|o| o.mirror_of.clone()) {
             self.mirrors.remove(&old);
         }
@@ -403,6 +408,7 @@ impl PodIndex {
     }
 
     pub fn remove(&mut self, uid: &str) {
+        self.generation += 1;
         if let Some(m) = self.pods.remove(uid).and_then(|p| p.mirror_of) {
             self.mirrors.remove(&m);
         }
@@ -488,6 +494,11 @@ impl KubeApiHandle {
             .read()
             .map(|i| i.enrich(pod_uid, info))
             .unwrap_or(false)
+    }
+
+    /// Changes so far (see [`PodIndex`]).
+    pub fn generation(&self) -> u64 {
+        self.index.read().map(|i| i.generation).unwrap_or(0)
     }
 
     pub fn pod(&self, uid: &str) -> Option<ApiPod> {
