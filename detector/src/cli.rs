@@ -211,7 +211,7 @@ pub struct RunArgs {
     pub cgroup_event_budget: Option<u32>,
     /// The same for security-relevant events (credential reads, holders'
     /// and denied connects), which have their own budget and ring buffer so
-    /// an ordinary flood cannot crowd them out [default: 2000].
+    /// an ordinary flood cannot crowd them out [default: 10000].
     #[arg(long)]
     pub cgroup_alert_budget: Option<u32>,
     /// Pin the kernel programs and state maps in this bpffs directory (e.g.
@@ -569,7 +569,7 @@ impl RunArgs {
             cgroup_alert_budget: self
                 .cgroup_alert_budget
                 .or(file.cgroup_alert_budget)
-                .unwrap_or(2_000),
+                .unwrap_or(10_000),
             pin_dir: self.pin_dir.or(file.pin_dir),
             sinks,
             learn_window: self
