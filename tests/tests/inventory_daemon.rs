@@ -409,3 +409,110 @@ fn rotation(sensor: &str, strict_gap: bool) {
         r2.saturating_sub(e2)
     );
 }
+
+/// kubelet's creating writes of a rotated token are writes, even while
+/// other processes open the same volume's token at full speed. (Each
+/// answer to a fanotify opener briefly wakes every other waiting opener;
+/// the sensor must still read the writer's blocked `openat` and its
+/// O_WRONLY, never count the write as a read, never call kubelet foreign.)
+#[test]
+fn kubelet_writes_racing_reads_are_not_reads() {
+    require_root();
+    let kubelet = Tmpfs::new("invd-writes");
+    let uid = new_pod_uid();
+    let pod_dir = kubelet.dir.join("pods").join(&uid);
+    let vol = pod_dir.join("volumes/kubernetes.io~projected/kube-api-access-w7q2z");
+    std::fs::create_dir_all(&vol).unwrap();
+    let _vol_mount = VolumeMount::new(&vol);
+    let sa = |t: &str| {
+        [
+            ("token", t.to_string()),
+            ("ca.crt", "ca".to_string()),
+            ("namespace", "default".to_string()),
+        ]
+    };
+    let files = |v: &[(&'static str, String); 3]| -> Vec<(&'static str, String)> { v.to_vec() };
+    let write = |t: &str| {
+        let f = files(&sa(t));
+        let refs: Vec<(&str, &str)> = f.iter().map(|(n, c)| (*n, c.as_str())).collect();
+        kubelet_atomic_write(&vol, &refs)
+    };
+    write("token-0");
+    let kdir = kubelet.dir.display().to_string();
+    let d = Daemon::start(&["--open-sensor", "fanotify", "--kubelet-dir", &kdir]).expect("daemon");
+
+    // Readers on another cgroup: a bounded loop of opens of the token.
+    let readers = detector_tests::TestCgroup::new("invd-readers");
+    let token = vol.join("token");
+    let mut loops: Vec<std::process::Child> = (0..2)
+        .map(|_| {
+            readers
+                .command("/bin/sh")
+                .arg("-c")
+                .arg(format!(
+                    "i=0; while [ $i -lt 4000 ]; do cat {} >/dev/null; i=$((i+1)); done",
+                    token.display()
+                ))
+                .spawn()
+                .expect("reader loop")
+        })
+        .collect();
+    // kubelet: rotations while the readers run.
+    let me = std::process::id();
+    let mut rotations = 0;
+    while rotations < 60 && loops.iter_mut().any(|c| c.try_wait().unwrap().is_none()) {
+        rotations += 1;
+        write(&format!("token-{rotations}"));
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    for c in &mut loops {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    assert!(
+        rotations >= 20,
+        "only {rotations} rotations overlapped the readers"
+    );
+    // Positive control: the test process itself reading the token is a
+    // foreign read, so the absence below means something.
+    assert!(std::fs::read_to_string(&token)
+        .unwrap()
+        .starts_with("token-"));
+    let control = d.wait_findings(Duration::from_secs(10), |f| {
+        f["kind"] == "foreign_credential" && f["process"]["pid"] == me
+    });
+    d.settle();
+
+    let mine: Vec<Value> = d
+        .events()
+        .into_iter()
+        .filter(|e| e["event"] == "credential_access" && e["tgid"] == me)
+        .collect();
+    let reads = mine.iter().filter(|e| e["readable"] == true).count();
+    let writes = mine.iter().filter(|e| e["writable"] == true).count();
+    eprintln!(
+        "{rotations} rotations: {writes} creating writes and {reads} read(s) by the test process seen; reader events: {}",
+        d.events()
+            .iter()
+            .filter(|e| e["event"] == "credential_access" && e["cgroup_id"] == readers.id)
+            .count()
+    );
+    assert!(
+        writes >= rotations,
+        "every creating write of a token is an event: {mine:#?}"
+    );
+    assert_eq!(reads, 1, "only the control read is a read: {mine:#?}");
+    let foreign: Vec<Value> = d
+        .findings()
+        .into_iter()
+        .filter(|f| f["kind"] == "foreign_credential" && f["process"]["pid"] == me)
+        .collect();
+    let count: u64 = foreign
+        .iter()
+        .map(|f| f["count"].as_u64().unwrap_or(1))
+        .sum();
+    assert_eq!(
+        count, 1,
+        "kubelet's writes were called foreign reads: {foreign:#?}\n{control:#?}"
+    );
+}

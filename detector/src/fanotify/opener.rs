@@ -167,6 +167,10 @@ pub struct Opener {
     pub access: Access,
 }
 
+/// How often /proc/<tid>/syscall is read while it says `running` (a
+/// spurious wake-up of the blocked opener; about a millisecond in all).
+const SYSCALL_ATTEMPTS: usize = 20;
+
 /// Reads /proc with one reusable buffer.
 pub struct ProcReader {
     proc_dir: OwnedFd,
@@ -268,6 +272,31 @@ impl ProcReader {
         Some(u64::from_ne_bytes(b))
     }
 
+    /// The system call `tid` is blocked in. The opener waits on the
+    /// group's shared wait queue, and every answer to *any* opener wakes
+    /// all of them for a moment: /proc then says `running`. It is back
+    /// asleep at once (its own answer is still to come), so ask again a
+    /// few times rather than take the mode as unknown, which would count
+    /// a kubelet's write as a read. `None` only if it never settles or the
+    /// file is unreadable (no ptrace access).
+    fn blocked_syscall(&mut self, tid: u32) -> Option<Syscall> {
+        for attempt in 0..SYSCALL_ATTEMPTS {
+            let text = self.read(tid, "syscall").ok()?;
+            if let Some(sc) = parse_syscall(&text) {
+                return Some(sc);
+            }
+            if !text.starts_with("running") {
+                return None;
+            }
+            if attempt > 2 {
+                std::thread::sleep(std::time::Duration::from_micros(50));
+            } else {
+                std::thread::yield_now();
+            }
+        }
+        None
+    }
+
     /// Everything about the thread `tid` that is blocked opening a file.
     pub fn opener(&mut self, tid: u32) -> io::Result<Opener> {
         let status = parse_status(&self.read(tid, "status")?)
@@ -281,11 +310,7 @@ impl ProcReader {
             Ok((id, p)) => (p, id),
             Err(_) => (String::new(), 0),
         };
-        // Unreadable (no ptrace access): the mode is unknown, not an error.
-        let sc = self
-            .read(tid, "syscall")
-            .ok()
-            .and_then(|t| parse_syscall(&t));
+        let sc = self.blocked_syscall(tid);
         let access = classify(sc, &status.comm, |addr| self.read_u64(tid, addr));
         Ok(Opener {
             tid,
