@@ -259,7 +259,7 @@ impl Quoter<'_> {
     fn comment(&mut self) -> String {
         self.n += 1;
         let pick = self.style.quotes[self.n % self.style.quotes.len()];
-        if self.style.comments && pick % 4 == 0 {
+        if self.style.comments && pick.is_multiple_of(4) {
             " # a comment: [ { & * ! 漢 🙂".to_string()
         } else {
             String::new()
