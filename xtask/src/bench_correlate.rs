@@ -1375,6 +1375,10 @@ fn memory(a: &Args, bin: &Path) -> Memory {
 
 // ---- report ----------------------------------------------------------------------
 
+/// What a chart plots of a sample.
+type XOf = fn(&MemPoint) -> usize;
+type YOf = fn(&MemPoint) -> u64;
+
 /// The memory curves (plotters, SVG): daemon RSS and BPF map memlock against
 /// pods, holders and intents, with the 64 MiB RSS target.
 fn memory_svg(m: &Memory) -> Result<String> {
@@ -1390,7 +1394,7 @@ fn memory_svg(m: &Memory) -> Result<String> {
             ("sans-serif", 18).into_font(),
         ))?;
         let panels = body.split_evenly((1, 3));
-        let curves: [(&str, &[MemPoint], fn(&MemPoint) -> usize); 3] = [
+        let curves: [(&str, &[MemPoint], XOf); 3] = [
             ("pods (= credentials = holders)", &m.by_pods, |p| p.pods),
             ("holders (at the largest pod count)", &m.by_holders, |p| {
                 p.held
@@ -1432,7 +1436,7 @@ fn memory_svg(m: &Memory) -> Result<String> {
                 ))?
                 .label("64 MiB RSS target")
                 .legend(|(x, y)| PathElement::new([(x, y), (x + 16, y)], BLACK.mix(0.4)));
-            let series: [(&str, RGBColor, fn(&MemPoint) -> u64); 2] = [
+            let series: [(&str, RGBColor, YOf); 2] = [
                 ("daemon VmRSS", RGBColor(0xd9, 0x5f, 0x02), |p| p.rss),
                 ("BPF maps memlock", RGBColor(0x1b, 0x9e, 0x77), |p| {
                     p.maps_memlock
