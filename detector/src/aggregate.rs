@@ -5,7 +5,7 @@
 //! many it stands for, emitted when the window closes. The sum of `count`
 //! over everything emitted equals the number of occurrences.
 
-use std::collections::HashMap;
+use std::{collections::HashMap, net::IpAddr};
 
 use crate::finding::Finding;
 
@@ -17,7 +17,7 @@ pub struct AggKey {
     cgroup_id: u64,
     exe: Option<String>,
     credential: Option<(u64, u64)>,
-    destination: Option<String>,
+    destination: Option<(IpAddr, u16, String)>,
 }
 
 impl AggKey {
@@ -35,7 +35,7 @@ impl AggKey {
             destination: f
                 .destination
                 .as_ref()
-                .map(|d| format!("{}:{}/{}", d.ip, d.port, d.protocol)),
+                .map(|d| (d.ip, d.port, d.protocol.clone())),
         }
     }
 }
@@ -50,6 +50,7 @@ struct Window {
 
 pub struct Aggregator {
     window_ns: u64,
+    /// SipHash: keys carry attacker-chosen strings (executable paths).
     open: HashMap<AggKey, Window>,
     max_keys: usize,
 }

@@ -13,6 +13,14 @@
 //!    not list the executable that obtained its credential.
 //! 3. `unexpected_destination`: a holder (first-hand or inherited from an
 //!    ancestor) connects outside its intent's destinations.
+//!
+//! Per event only hash lookups: the workload of each cgroup is cached
+//! (resolved again after [`WORKLOAD_REFRESH_UNNAMED_NS`] while the runtime
+//! has not named the pod, else [`WORKLOAD_REFRESH_NS`], and at once when the
+//! kernel reports the cgroup created or removed), and with it the declared
+//! intent selected for it (until the judge's [`Judge::generation`] changes:
+//! the daemon takes a new one whenever it installs intents) and its learned
+//! profile's slot.
 
 use std::{
     collections::{hash_map::Entry, BTreeMap, HashMap},

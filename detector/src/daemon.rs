@@ -68,7 +68,7 @@ pub struct Resolver<'a> {
     pub wall_offset_ns: i128,
 }
 
-pub fn workload_of(attribution: &mut Attributor, cgroup_id: u64) -> WorkloadCtx {
+fn workload_of(attribution: &mut Attributor, cgroup_id: u64) -> WorkloadCtx {
     match attribution.resolve(cgroup_id) {
         Some(info) => WorkloadCtx {
             workload: info.to_workload(),
@@ -112,7 +112,7 @@ pub fn boottime_ns() -> u64 {
 /// Give the heap pages freed since the last call back to the kernel. glibc
 /// keeps what a burst freed mapped (a full inventory scan of 10,000 pods,
 /// every 30 s, allocates and frees about 15 MB), so without this the RSS
-/// stays at the high-water mark. It takes about a millisecond.
+/// stays at the high-water mark.
 fn release_free_heap() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim only walks and trims the allocator's own free lists.
@@ -154,7 +154,6 @@ struct Pipeline {
     declared_generation: u64,
     /// `metrics.events` per `EventKind as usize`, resolved at first use.
     events_by_kind: Vec<Option<prometheus::IntCounter>>,
-
     enforcer: Enforcer,
     attribution: Attributor,
     aggregator: Aggregator,
@@ -365,6 +364,14 @@ impl Pipeline {
         // Holders per workload namespace ("" = host), from the kernel's map.
         let mut per_ns: std::collections::HashMap<String, i64> = Default::default();
         let mut holders = 0usize;
+        // Through the correlator's cache of workloads: a full resolve of
+        // every holder's cgroup every 2 s costs as much as the events.
+        let now = boottime_ns();
+        let mut resolver = Resolver {
+            credentials: &self.credentials,
+            attribution: &mut self.attribution,
+            wall_offset_ns: self.wall_offset_ns,
+        };
         for tgid in sensors.maps.holders.keys().filter_map(Result::ok) {
             holders += 1;
             let cgroup = self
@@ -376,9 +383,11 @@ impl Pipeline {
             let ns = if cgroup == 0 {
                 String::new()
             } else {
-                workload_of(&mut self.attribution, cgroup)
+                self.correlator
+                    .workload(cgroup, now, &mut resolver)
                     .workload
                     .namespace
+                    .clone()
                     .unwrap_or_default()
             };
             *per_ns.entry(ns).or_default() += 1;

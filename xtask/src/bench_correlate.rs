@@ -1274,7 +1274,7 @@ fn memory_session(
     let mut workers = Vec::new();
     let mut points = Vec::new();
     let mut held = 0usize;
-    for (k, &step) in steps.iter().enumerate() {
+    for &step in steps {
         let want = step.min(lines.len());
         if want > held {
             let (p, n) = fork_holders(&dir, &holders_cg, &lines[held..want], want)?;
@@ -1290,13 +1290,8 @@ fn memory_session(
             }
             sleep(Duration::from_secs(3));
         }
-        // The last sample of a session spans a full inventory rescan period.
-        let window = if k + 1 == steps.len() {
-            Duration::from_secs(32)
-        } else {
-            Duration::ZERO
-        };
-        let pt = sample(&d, pods, intents, held, window);
+        // Each sample spans a full inventory rescan period.
+        let pt = sample(&d, pods, intents, held, Duration::from_secs(32));
         println!(
             "bench: memory: {pods} pods, {intents} intents, {held} holders: credentials {} holders {} VmRSS {} maps memlock {}",
             pt.credentials,
@@ -1375,6 +1370,10 @@ fn memory(a: &Args, bin: &Path) -> Memory {
 
 // ---- report ----------------------------------------------------------------------
 
+/// What a chart plots of a sample.
+type XOf = fn(&MemPoint) -> usize;
+type YOf = fn(&MemPoint) -> u64;
+
 /// The memory curves (plotters, SVG): daemon RSS and BPF map memlock against
 /// pods, holders and intents, with the 64 MiB RSS target.
 fn memory_svg(m: &Memory) -> Result<String> {
@@ -1390,7 +1389,7 @@ fn memory_svg(m: &Memory) -> Result<String> {
             ("sans-serif", 18).into_font(),
         ))?;
         let panels = body.split_evenly((1, 3));
-        let curves: [(&str, &[MemPoint], fn(&MemPoint) -> usize); 3] = [
+        let curves: [(&str, &[MemPoint], XOf); 3] = [
             ("pods (= credentials = holders)", &m.by_pods, |p| p.pods),
             ("holders (at the largest pod count)", &m.by_holders, |p| {
                 p.held
@@ -1421,6 +1420,8 @@ fn memory_svg(m: &Memory) -> Result<String> {
                 .y_desc("MiB")
                 .x_labels(5)
                 .y_labels(6)
+                .x_label_formatter(&|v| format!("{v:.0}"))
+                .y_label_formatter(&|v| format!("{v:.0}"))
                 .axis_desc_style(("sans-serif", 16))
                 .label_style(("sans-serif", 14))
                 .light_line_style(WHITE.mix(0.0))
@@ -1432,8 +1433,17 @@ fn memory_svg(m: &Memory) -> Result<String> {
                 ))?
                 .label("64 MiB RSS target")
                 .legend(|(x, y)| PathElement::new([(x, y), (x + 16, y)], BLACK.mix(0.4)));
-            let series: [(&str, RGBColor, fn(&MemPoint) -> u64); 2] = [
-                ("daemon VmRSS", RGBColor(0xd9, 0x5f, 0x02), |p| p.rss),
+            let series: [(&str, RGBColor, YOf); 3] = [
+                (
+                    "daemon VmRSS, max over 32 s",
+                    RGBColor(0xd9, 0x5f, 0x02),
+                    |p| p.rss,
+                ),
+                (
+                    "daemon VmRSS, min over 32 s",
+                    RGBColor(0x75, 0x70, 0xb3),
+                    |p| p.rss_min,
+                ),
                 ("BPF maps memlock", RGBColor(0x1b, 0x9e, 0x77), |p| {
                     p.maps_memlock
                 }),
@@ -1846,9 +1856,10 @@ fn render(a: &Args, bin: &Path, scale: f64, svg_name: &str) -> (String, Option<S
          --kubelet-dir <dir> --alerts /dev/null --metrics-addr …`, plus `--policy <dir>` with the intents); \
          the idle sample is taken 2 s after the credential gauge reached N, then holder processes are forked \
          (each joins its pod's cgroup, opens its pod's token and sleeps) and each sample is taken once the \
-         daemon's holder gauge reached the count, plus 3 s. The last sample of each session reads VmRSS every \
-         0.5 s for 32 s, longer than the inventory's 30 s full rescan, and reports the highest value (the \
-         lowest in parentheses); the other samples are single reads. Everything is removed afterwards.\n\n",
+         daemon's holder gauge reached the count, plus 3 s. Each sample reads VmRSS every 0.5 s for 32 s, \
+         longer than the inventory's 30 s full rescan of the kubelet directory (a burst of allocations the \
+         daemon frees and trims within 2 s), and reports the highest value (the lowest in parentheses). \
+         Everything is removed afterwards.\n\n",
     );
     peers(&mut md, &tp, &mem);
     let _ = writeln!(md, "{END}");
