@@ -665,16 +665,16 @@ pub async fn run(settings: RunSettings) -> Result<()> {
             biased;
             guard = alerts.readable_mut() => {
                 let mut guard = guard?;
-                drain(guard.get_inner_mut(), ring.get_mut(), open_sensor.as_mut(), &mut pipeline, &mut sensors);
+                drain(guard.get_inner_mut(), ring.get_mut(), open_sensor.as_mut(), &mut pipeline, &mut sensors, false);
                 guard.clear_ready();
             }
             guard = ring.readable_mut() => {
                 let mut guard = guard?;
-                drain(alerts.get_mut(), guard.get_inner_mut(), open_sensor.as_mut(), &mut pipeline, &mut sensors);
+                drain(alerts.get_mut(), guard.get_inner_mut(), open_sensor.as_mut(), &mut pipeline, &mut sensors, false);
                 guard.clear_ready();
             }
             _ = poll.tick() => {
-                drain(alerts.get_mut(), ring.get_mut(), open_sensor.as_mut(), &mut pipeline, &mut sensors);
+                drain(alerts.get_mut(), ring.get_mut(), open_sensor.as_mut(), &mut pipeline, &mut sensors, false);
             }
             Some(update) = inventory.recv() => {
                 let for_fanotify = open_sensor.as_ref().map(|_| update.clone());
@@ -696,6 +696,10 @@ pub async fn run(settings: RunSettings) -> Result<()> {
                 }
                 pipeline.refresh_stats(&sensors);
                 pipeline.flush_aggregates(false);
+                if open_sensor.as_mut().is_some_and(|s| !s.check_alive()) {
+                    // Credential opens are no longer seen: not ready.
+                    readiness.probes.store(false, Ordering::Release);
+                }
             }
             Some(()) = changed(policy.as_mut().map(|p| &mut p.intents)) => {
                 let w = policy.as_ref().expect("policy watch");
@@ -724,6 +728,7 @@ pub async fn run(settings: RunSettings) -> Result<()> {
         open_sensor.as_mut(),
         &mut pipeline,
         &mut sensors,
+        true,
     );
     readiness.probes.store(false, Ordering::Release);
     // Stop answering before the maps go: closing the group lets waiting
@@ -818,22 +823,16 @@ fn drain(
     open_sensor: Option<&mut fanotify::FanotifySensor>,
     pipeline: &mut Pipeline,
     sensors: &mut Sensors,
+    last: bool,
 ) {
     let now = boottime_ns();
-    // Credential opens seen by fanotify first: whatever the kernel did
-    // before them (the opener's exec) is in the rings by now.
-    let mut opens = std::mem::take(&mut pipeline.opens);
-    opens.clear();
-    if let Some(s) = open_sensor {
-        s.drain_discovered(&mut pipeline.credentials, &mut sensors.maps.credentials);
-        while let Some(a) = s.next_access(&mut pipeline.credentials, &mut sensors.maps.credentials)
-        {
-            opens.push(a);
-            if opens.len() >= 65536 {
-                break; // the next tick resumes
-            }
-        }
-    }
+    // The rings first, up to `cut`; then the fanotify opens. The responder
+    // queues an open before it lets the opener go, so anything the opener
+    // did afterwards (exec, connect) and found in the rings here has its
+    // open in the queue too. An open later than `cut` waits for the next
+    // drain: what its process did just before it may not be in the rings
+    // yet. (The last drain takes everything.)
+    let cut = if last { u64::MAX } else { now };
     let mut batch = std::mem::take(&mut pipeline.batch);
     batch.clear();
     for ring in [alerts, events] {
@@ -846,14 +845,27 @@ fn drain(
             }
         }
     }
-    if batch.is_empty() && opens.is_empty() {
+    // Opens held back by the previous drain stay, in order, in front.
+    let mut opens = std::mem::take(&mut pipeline.opens);
+    if let Some(s) = open_sensor {
+        s.drain_discovered(&mut pipeline.credentials, &mut sensors.maps.credentials);
+        while let Some(a) = s.next_access(&mut pipeline.credentials, &mut sensors.maps.credentials)
+        {
+            opens.push(a);
+            if opens.len() >= 65536 {
+                break; // the next tick resumes
+            }
+        }
+    }
+    if batch.is_empty() && opens.first().is_none_or(|a| a.common.time_ns > cut) {
         pipeline.batch = batch;
         pipeline.opens = opens;
         return;
     }
     batch.sort_by_time();
     opens.sort_by_key(|a| a.common.time_ns);
-    let mut pending = opens.drain(..).peekable();
+    let due = opens.partition_point(|a| a.common.time_ns <= cut);
+    let mut pending = opens.drain(..due).peekable();
     for (t, record) in batch.records() {
         while let Some(a) = pending.next_if(|a| a.common.time_ns <= t) {
             pipeline.handle_event(sensors, Event::CredentialAccess(a), now);

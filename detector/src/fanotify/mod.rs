@@ -281,6 +281,7 @@ pub struct FanotifySensor {
     /// pipeline's table at the next drain.
     forgotten: Vec<(u64, u64)>,
     events: std::sync::mpsc::Receiver<CredentialAccess>,
+    dead_reported: bool,
 }
 
 /// Is the permission sensor usable here? Returns the group to use.
@@ -341,6 +342,7 @@ impl FanotifySensor {
             fs_marks: StdHashMap::new(),
             forgotten: Vec::new(),
             events: rx,
+            dead_reported: false,
         })
     }
 
@@ -547,13 +549,14 @@ impl FanotifySensor {
         Some(a)
     }
 
-    /// Is the responder still answering?
-    pub fn alive(&self) -> bool {
-        self.shared
-            .group
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_some()
+    /// Is the responder still answering? Logs once when it stopped.
+    pub fn check_alive(&mut self) -> bool {
+        let alive = read(&self.shared.group).is_some();
+        if !alive && !self.dead_reported {
+            error!("the fanotify responder has stopped: credential opens are no longer seen (restart the daemon)");
+            self.dead_reported = true;
+        }
+        alive
     }
 }
 
@@ -788,8 +791,6 @@ impl Responder {
         if o.access.readable {
             self.make_holders(&o, id, now);
         }
-        pending.answer();
-        drop(pending);
         self.shared.stats.credential_opens.inc();
         let ev = CredentialAccess {
             common: Common {
@@ -813,11 +814,15 @@ impl Responder {
             // Every open is answered, and reported, one by one.
             repeats: 0,
         };
+        // Queued before the answer: whatever the opener does next (exec,
+        // connect) reaches the kernel's rings after this open is in the
+        // queue, so the daemon puts both in order (daemon::drain).
         match self.tx.try_send(ev) {
             Ok(()) => {}
             Err(std::sync::mpsc::TrySendError::Full(_)) => self.shared.stats.lost.inc(),
             Err(std::sync::mpsc::TrySendError::Disconnected(_)) => {}
         }
+        pending.answer();
     }
 
     /// An inode we do not know on a credential volume's filesystem: a
