@@ -955,7 +955,7 @@ answers and closes), on one marked file on tmpfs. "Connect started before the li
 thread opens the file and connects to a loopback listener right away, repeated; counted when the
 listener's `read(2)` returned the event only after the connect had started, i.e. even a sensor with zero
 processing time could not have made the connect a holder's. "Opener gone": a forked child opens the file
-and exits; counted when the listener, on reading the event, found `/proc/<pid>/status` already gone
+and exits, and is reaped at once (as a shell reaps `$(cat token)`); counted when the listener, on reading the event, found `/proc/<pid>/status` already gone
 (nothing left to attribute). With permission events both are 0 by construction (the opener is blocked
 until answered); the price is the round trip on every open of a credential file.
 

@@ -266,9 +266,12 @@ pub fn measure(dir: &Path, scale: f64) -> Result<Results> {
             if pid < 0 {
                 bail!("fork: {}", std::io::Error::last_os_error());
             }
-            let seen = l.seen.recv_timeout(Duration::from_secs(2));
+            // Reaped at once, as a shell reaps `$(cat token)`: a zombie
+            // would still have its /proc entry. (With permission events the
+            // child cannot exit before the listener answered.)
             // SAFETY: reaping our own child.
             unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
+            let seen = l.seen.recv_timeout(Duration::from_secs(2));
             match seen {
                 Ok(s) if !s.opener_alive => gone += 1,
                 Ok(_) => {}
