@@ -622,7 +622,7 @@ mod tests {
         let cfg = dir.join("c.yaml");
         std::fs::write(
             &cfg,
-            "mode: observe\nalerts: /tmp/a.jsonl\nconnect_dedup_ms: 5\n",
+            "mode: observe\nalerts: /tmp/a.jsonl\nconnect_dedup_ms: 5\nopen_sensor: tracepoint\n",
         )
         .unwrap();
         let args = RunArgs {
@@ -634,6 +634,11 @@ mod tests {
         assert_eq!(s.mode, Mode::Observe);
         assert_eq!(s.alerts, "-");
         assert_eq!(s.connect_dedup_ms, 5);
+        assert_eq!(s.open_sensor, OpenSensor::Tracepoint);
+        assert_eq!(
+            RunArgs::default().resolve().unwrap().open_sensor,
+            OpenSensor::Auto
+        );
         assert_eq!(s.kubelet_dir, PathBuf::from(DEFAULT_KUBELET_DIR));
         assert_eq!(s.sinks.jsonl.as_ref().map(|j| j.path.as_str()), Some("-"));
 
