@@ -23,7 +23,10 @@ use std::{
     collections::{BTreeMap, HashMap},
     fmt,
     path::{Path, PathBuf},
-    sync::{Arc, RwLock},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, RwLock,
+    },
     time::{Duration, Instant},
 };
 
@@ -381,13 +384,14 @@ pub struct PodIndex {
     pods: HashMap<String, ApiPod>,
     mirrors: HashMap<String, String>,
     /// Bumped on every change, so caches of enriched workloads know when to
-    /// resolve again.
-    generation: u64,
+    /// resolve again. Shared with the handle: the daemon reads it for every
+    /// event, without taking the lock.
+    generation: Arc<AtomicU64>,
 }
 
 impl PodIndex {
     pub fn replace(&mut self, pods: Vec<ApiPod>) {
-        self.generation += 1;
+        self.generation.fetch_add(1, Ordering::Release);
         self.pods.clear();
         self.mirrors.clear();
         for p in pods {
@@ -397,7 +401,7 @@ impl PodIndex {
     }
 
     pub fn upsert(&mut self, p: ApiPod) {
-        self.generation += 1;
+        self.generation.fetch_add(1, Ordering::Release);
         if let Some(old) = self.pods.get(&p.uid).and_then(|o| o.mirror_of.clone()) {
             self.mirrors.remove(&old);
         }
@@ -408,7 +412,7 @@ impl PodIndex {
     }
 
     pub fn remove(&mut self, uid: &str) {
-        self.generation += 1;
+        self.generation.fetch_add(1, Ordering::Release);
         if let Some(m) = self.pods.remove(uid).and_then(|p| p.mirror_of) {
             self.mirrors.remove(&m);
         }
@@ -453,9 +457,21 @@ impl PodIndex {
 }
 
 /// The shared cache, filled by the background task. Cheap to clone.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct KubeApiHandle {
     index: Arc<RwLock<PodIndex>>,
+    generation: Arc<AtomicU64>,
+}
+
+impl Default for KubeApiHandle {
+    fn default() -> Self {
+        let index = PodIndex::default();
+        let generation = index.generation.clone();
+        KubeApiHandle {
+            index: Arc::new(RwLock::new(index)),
+            generation,
+        }
+    }
 }
 
 impl KubeApiHandle {
@@ -498,7 +514,7 @@ impl KubeApiHandle {
 
     /// Changes so far (see [`PodIndex`]).
     pub fn generation(&self) -> u64 {
-        self.index.read().map(|i| i.generation).unwrap_or(0)
+        self.generation.load(Ordering::Acquire)
     }
 
     pub fn pod(&self, uid: &str) -> Option<ApiPod> {

@@ -286,14 +286,14 @@ impl Attributor {
         self
     }
 
-    /// Service accounts and labels from the Kubernetes API (see
-    /// [`kubeapi::KubeApiHandle`]); `None`: without.
     /// Changes of the Kubernetes API data so far (0 without it): when it
     /// moves, cached workloads must be resolved again.
     pub fn enrichment_generation(&self) -> u64 {
         self.kube.as_ref().map_or(0, |k| k.generation())
     }
 
+    /// Service accounts and labels from the Kubernetes API (see
+    /// [`kubeapi::KubeApiHandle`]); `None`: without.
     pub fn with_kube_api(mut self, kube: Option<kubeapi::KubeApiHandle>) -> Self {
         self.kube = kube;
         self
