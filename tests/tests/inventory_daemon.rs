@@ -516,3 +516,70 @@ fn kubelet_writes_racing_reads_are_not_reads() {
         "kubelet's writes were called foreign reads: {foreign:#?}\n{control:#?}"
     );
 }
+
+/// A credential open is judged with its process as it was at the open:
+/// a shell that opens a pod's token and at once execs another program is
+/// reported as the shell, never as the program it became (the fanotify
+/// sensor's open and the kernel's exec event reach the daemon by two
+/// routes; the daemon must put them back in order).
+#[test]
+fn an_open_then_exec_is_reported_as_the_opener() {
+    require_root();
+    let kubelet = Tmpfs::new("invd-order");
+    let uid = new_pod_uid();
+    let vol = kubelet
+        .dir
+        .join("pods")
+        .join(&uid)
+        .join("volumes/kubernetes.io~projected/kube-api-access-o5d3r");
+    std::fs::create_dir_all(&vol).unwrap();
+    let _vol_mount = VolumeMount::new(&vol);
+    kubelet_atomic_write(
+        &vol,
+        &[("token", "t"), ("ca.crt", "ca"), ("namespace", "default")],
+    );
+    let kdir = kubelet.dir.display().to_string();
+    let d = Daemon::start(&[
+        "--open-sensor",
+        "fanotify",
+        "--kubelet-dir",
+        &kdir,
+        "--aggregate-window",
+        "1s",
+    ])
+    .expect("daemon");
+
+    // Host processes (foreign to the pod), each: open, then exec at once.
+    let host = detector_tests::TestCgroup::new("invd-order");
+    let token = vol.join("token");
+    let n = 40;
+    let out = host.sh(&format!(
+        "i=0; while [ $i -lt {n} ]; do /bin/sh -c 'exec 3<{}; exec /bin/true'; i=$((i+1)); done",
+        token.display()
+    ));
+    assert!(out.status.success(), "{out:?}");
+    // Repeats are aggregated (one finding now, the count at the window's end).
+    let mine = || -> Vec<Value> {
+        d.findings()
+            .into_iter()
+            .filter(|f| f["kind"] == "foreign_credential" && f["workload"]["cgroup_id"] == host.id)
+            .collect()
+    };
+    let total = |v: &[Value]| -> u64 { v.iter().map(|f| f["count"].as_u64().unwrap_or(1)).sum() };
+    let _ = wait_for(Duration::from_secs(10), || {
+        (total(&mine()) >= n).then_some(())
+    });
+    d.settle();
+    let mine = mine();
+    let count = total(&mine);
+    let exes: BTreeSet<&str> = mine
+        .iter()
+        .filter_map(|f| f["process"]["exe"].as_str())
+        .collect();
+    eprintln!("{count} foreign reads, by {exes:?}");
+    assert_eq!(count, n, "every open is one foreign read: {mine:#?}");
+    assert!(
+        exes.iter().all(|e| !e.ends_with("/true")),
+        "an open was attributed to the program its opener exec'd next: {mine:#?}"
+    );
+}
