@@ -5,7 +5,7 @@
 use std::collections::BTreeSet;
 
 use aya::maps::{HashMap, Map, MapData, MapInfo};
-use detector_common::Holder;
+use detector_common::{CredentialInfo, CredentialKey, Holder};
 
 fn fdinfo_ids(pid: u32, key: &str) -> BTreeSet<u32> {
     let mut ids = BTreeSet::new();
@@ -77,4 +77,15 @@ pub fn holders_of(pid: u32) -> std::collections::HashMap<u32, Holder> {
     let map: HashMap<MapData, u32, Holder> =
         HashMap::try_from(Map::LruHashMap(data)).expect("HOLDERS is an LRU hash of u32 -> Holder");
     map.iter().filter_map(|r| r.ok()).collect()
+}
+
+/// (kernel dev, ino) -> credential id of the daemon `pid`'s CREDENTIALS map.
+pub fn credentials_of(pid: u32) -> std::collections::HashMap<(u64, u64), u32> {
+    let data = map_of(pid, "CREDENTIALS").expect("daemon has a CREDENTIALS map");
+    let map: HashMap<MapData, CredentialKey, CredentialInfo> =
+        HashMap::try_from(Map::HashMap(data)).expect("CREDENTIALS is a hash of key -> info");
+    map.iter()
+        .filter_map(|r| r.ok())
+        .map(|(k, v)| ((k.dev, k.ino), v.id))
+        .collect()
 }

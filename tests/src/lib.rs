@@ -116,6 +116,41 @@ impl TestCgroup {
             .expect("spawn sh")
     }
 
+    /// Runs `program args` inside the cgroup to its end; returns its pid
+    /// (the one the kernel reports) and its output.
+    pub fn run(&self, program: &str, args: &[&str]) -> (u32, std::process::Output) {
+        let child = self
+            .command(program)
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {program}: {e}"));
+        let pid = child.id();
+        (pid, child.wait_with_output().expect("wait"))
+    }
+
+    /// Writes `dir/intent.yaml`: a WorkloadIntent that selects this cgroup
+    /// by path and allows only 127.0.0.1:`allowed_port`, with `action`
+    /// (`alert`, `block`, `kill`). Returns the file's path.
+    pub fn intent_file(&self, dir: &Path, allowed_port: u16, action: &str) -> String {
+        let rel = self
+            .path
+            .strip_prefix(cgroup2_root())
+            .expect("under the cgroup-v2 root")
+            .display()
+            .to_string();
+        let path = dir.join("intent.yaml");
+        std::fs::write(
+            &path,
+            format!(
+                "apiVersion: detector.dev/v1alpha1\nkind: WorkloadIntent\nmetadata: {{name: test, namespace: tests}}\nspec:\n  selector:\n    cgroupPath: \"/{rel}\"\n  destinations:\n    - {{cidr: 127.0.0.1/32, ports: [{allowed_port}]}}\n  action: {action}\n"
+            ),
+        )
+        .unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+        path.display().to_string()
+    }
+
     pub fn pids(&self) -> Vec<u32> {
         std::fs::read_to_string(self.path.join("cgroup.procs"))
             .unwrap_or_default()
@@ -139,6 +174,29 @@ impl Drop for TestCgroup {
         while std::fs::remove_dir(&self.path).is_err() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+}
+
+/// A tmpfs mounted on an existing directory, as kubelet mounts every
+/// projected and secret volume; unmounted (lazily) on drop, as kubelet
+/// unmounts before it removes the pod's directory.
+pub struct TmpfsOn(pub PathBuf);
+
+impl TmpfsOn {
+    pub fn mount(dir: &Path) -> TmpfsOn {
+        let st = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=1m,mode=0755", "tmpfs"])
+            .arg(dir)
+            .status()
+            .expect("mount");
+        assert!(st.success(), "mount tmpfs on {}", dir.display());
+        TmpfsOn(dir.to_path_buf())
+    }
+}
+
+impl Drop for TmpfsOn {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
     }
 }
 

@@ -25,24 +25,6 @@ fn read_then_connect(cg: &TestCgroup, token: &str, ip: &str, port: u16) -> (u32,
     (pid, String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
-fn intent(dir: &std::path::Path, cg: &TestCgroup, allowed_port: u16, action: &str) -> String {
-    let rel = cg
-        .path
-        .strip_prefix(detector_tests::cgroup2_root())
-        .unwrap()
-        .display()
-        .to_string();
-    let path = dir.join("intent.yaml");
-    std::fs::write(
-        &path,
-        format!(
-            "apiVersion: detector.dev/v1alpha1\nkind: WorkloadIntent\nmetadata: {{name: test, namespace: tests}}\nspec:\n  selector:\n    cgroupPath: \"/{rel}\"\n  destinations:\n    - {{cidr: 127.0.0.1/32, ports: [{allowed_port}]}}\n  action: {action}\n"
-        ),
-    )
-    .unwrap();
-    path.display().to_string()
-}
-
 #[test]
 fn a_holder_is_denied_outside_its_intent_and_allowed_inside() {
     require_root();
@@ -52,7 +34,7 @@ fn a_holder_is_denied_outside_its_intent_and_allowed_inside() {
     let cg = TestCgroup::new("enforce");
     let allowed = CountingListener::bind("127.0.0.1:0");
     let other = CountingListener::bind("127.0.0.1:0");
-    let policy = intent(&fs.dir, &cg, allowed.addr.port(), "block");
+    let policy = cg.intent_file(&fs.dir, allowed.addr.port(), "block");
     // A dead webhook receiver (refused connections) must not delay enforcement.
     let config = fs.dir.join("config.yaml");
     std::fs::write(
@@ -133,7 +115,7 @@ fn kill_action_kills_the_holder_before_it_connects_and_observe_only_alerts() {
     std::fs::write(&token, b"t").unwrap();
     let cg = TestCgroup::new("kill");
     let l = CountingListener::bind("127.0.0.1:0");
-    let policy = intent(&fs.dir, &cg, 1, "kill");
+    let policy = cg.intent_file(&fs.dir, 1, "kill");
     let tok = token.to_str().unwrap();
     {
         let d = Daemon::start(&[
@@ -199,7 +181,7 @@ fn kill_scope_container_ends_every_process_of_the_cgroup() {
     let tok = token.to_str().unwrap();
     let cg = TestCgroup::new("killc");
     let l = CountingListener::bind("127.0.0.1:0");
-    let policy = intent(&fs.dir, &cg, 1, "kill");
+    let policy = cg.intent_file(&fs.dir, 1, "kill");
     let d = Daemon::start(&[
         "--credential-file",
         tok,
@@ -243,7 +225,7 @@ fn an_immediate_connect_after_the_open_is_blocked(sensor: &str) {
     let tok = token.to_str().unwrap();
     let cg = TestCgroup::new("immediate");
     let l = CountingListener::bind("127.0.0.1:0");
-    let policy = intent(&fs.dir, &cg, 1, "block");
+    let policy = cg.intent_file(&fs.dir, 1, "block");
     let d = Daemon::start(&[
         "--open-sensor",
         sensor,

@@ -6,72 +6,21 @@
 
 use std::{
     os::unix::fs::{symlink, MetadataExt, PermissionsExt},
-    path::{Path, PathBuf},
-    process::Command,
+    path::Path,
     time::{Duration, Instant},
 };
 
 use detector::inventory::{
     scan, spawn_watcher, CredentialFile, CredentialKind, InventoryConfig, InventoryUpdate,
 };
-use detector_tests::{require_root, runc::new_pod_uid, Tmpfs};
+use detector_tests::{
+    require_root,
+    runc::{kubelet_atomic_write, new_pod_uid},
+    Tmpfs, TmpfsOn,
+};
 use tokio::sync::mpsc::Receiver;
 
 const PROJECTED: &str = "kubernetes.io~projected";
-
-/// A tmpfs mounted on an existing directory (as kubelet does for projected
-/// volumes), unmounted on drop.
-struct MountGuard(PathBuf);
-
-impl MountGuard {
-    fn tmpfs(dir: &Path) -> MountGuard {
-        let st = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
-            .arg(dir)
-            .status()
-            .unwrap();
-        assert!(st.success(), "mount tmpfs on {}", dir.display());
-        MountGuard(dir.to_path_buf())
-    }
-}
-
-impl Drop for MountGuard {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
-
-/// Kubelet's AtomicWriter: new `..<timestamp>` dir with the payload, a
-/// `..data_tmp` symlink renamed over `..data`, user-visible symlinks
-/// created once, then the previous timestamped dir removed.
-fn atomic_write(vol: &Path, files: &[(&str, &str)]) -> PathBuf {
-    let old = std::fs::read_link(vol.join("..data")).ok();
-    let now = chrono::Utc::now();
-    let name = format!(
-        "{}{:09}",
-        now.format("..%Y_%m_%d_%H_%M_%S."),
-        now.timestamp_subsec_nanos()
-    );
-    let ts = vol.join(&name);
-    std::fs::create_dir(&ts).unwrap();
-    std::fs::set_permissions(&ts, std::fs::Permissions::from_mode(0o750)).unwrap();
-    for (n, content) in files {
-        std::fs::write(ts.join(n), content).unwrap();
-        std::fs::set_permissions(ts.join(n), std::fs::Permissions::from_mode(0o644)).unwrap();
-    }
-    let _ = std::fs::remove_file(vol.join("..data_tmp"));
-    symlink(&name, vol.join("..data_tmp")).unwrap();
-    std::fs::rename(vol.join("..data_tmp"), vol.join("..data")).unwrap();
-    for (n, _) in files {
-        if std::fs::symlink_metadata(vol.join(n)).is_err() {
-            symlink(format!("..data/{n}"), vol.join(n)).unwrap();
-        }
-    }
-    if let Some(old) = old {
-        std::fs::remove_dir_all(vol.join(old)).unwrap();
-    }
-    ts
-}
 
 fn sa_files(token: &str) -> Vec<(&str, &str)> {
     vec![
@@ -132,9 +81,9 @@ async fn kubelet_rotation_and_pod_removal() {
         .join("kube-api-access-7x2kq");
     std::fs::create_dir_all(&vol).unwrap();
     std::fs::create_dir_all(kubelet.dir.join("pods").join(&uid).join("containers/app")).unwrap();
-    let mount = MountGuard::tmpfs(&vol);
+    let mount = TmpfsOn::mount(&vol);
     let t = Instant::now();
-    atomic_write(&vol, &sa_files("token-1"));
+    kubelet_atomic_write(&vol, &sa_files("token-1"));
     let ino1 = ino(&vol.join("token"));
     let f1 = upsert(next(&mut rx, Duration::from_secs(1)).await);
     eprintln!("new pod's token seen after {:?}", t.elapsed());
@@ -149,7 +98,7 @@ async fn kubelet_rotation_and_pod_removal() {
     let mut old = ino1;
     for round in 2..=3 {
         let t = Instant::now();
-        atomic_write(&vol, &sa_files(&format!("token-{round}")));
+        kubelet_atomic_write(&vol, &sa_files(&format!("token-{round}")));
         let new = ino(&vol.join("token"));
         assert_ne!(new, old);
         let f = upsert(next(&mut rx, Duration::from_secs(1)).await);
@@ -203,20 +152,20 @@ async fn existing_pods_cloud_identity_and_legacy_tokens() {
         std::fs::create_dir_all(&d).unwrap();
         d
     };
-    atomic_write(&mk(PROJECTED, "kube-api-access-abcde"), &sa_files("sa"));
-    atomic_write(&mk(PROJECTED, "aws-iam-token"), &[("token", "irsa")]);
-    atomic_write(
+    kubelet_atomic_write(&mk(PROJECTED, "kube-api-access-abcde"), &sa_files("sa"));
+    kubelet_atomic_write(&mk(PROJECTED, "aws-iam-token"), &[("token", "irsa")]);
+    kubelet_atomic_write(
         &mk(PROJECTED, "azure-identity-token"),
         &[("azure-identity-token", "az")],
     );
-    atomic_write(
+    kubelet_atomic_write(
         &mk(PROJECTED, "gcp-ksa"),
         &[
             ("token", "g"),
             ("google-application-credentials.json", "{}"),
         ],
     );
-    atomic_write(
+    kubelet_atomic_write(
         &mk("kubernetes.io~secret", "default-token-x9z"),
         &sa_files("legacy"),
     );
@@ -231,7 +180,7 @@ async fn existing_pods_cloud_identity_and_legacy_tokens() {
     )
     .unwrap();
     // Not credentials: a configmap, a big cache emptyDir, ca.crt/namespace.
-    atomic_write(
+    kubelet_atomic_write(
         &mk("kubernetes.io~configmap", "cfg"),
         &[("token", "not-a-secret")],
     );
@@ -338,7 +287,7 @@ async fn hostile_node_state_gives_warnings_not_failures() {
         .join(PROJECTED)
         .join("kube-api-access-ok");
     std::fs::create_dir_all(&good).unwrap();
-    atomic_write(&good, &sa_files("ok"));
+    kubelet_atomic_write(&good, &sa_files("ok"));
     // An unreadable token is still a credential (it is read by the pod via
     // its own permissions; we only stat it).
     let locked_uid = new_pod_uid();
@@ -348,7 +297,7 @@ async fn hostile_node_state_gives_warnings_not_failures() {
         .join(PROJECTED)
         .join("kube-api-access-locked");
     std::fs::create_dir_all(&locked).unwrap();
-    atomic_write(&locked, &sa_files("locked"));
+    kubelet_atomic_write(&locked, &sa_files("locked"));
     std::fs::set_permissions(
         std::fs::canonicalize(locked.join("token")).unwrap(),
         std::fs::Permissions::from_mode(0o000),
@@ -438,7 +387,7 @@ async fn hostile_node_state_gives_warnings_not_failures() {
         }
     }
     assert_eq!(n, 2);
-    atomic_write(&good, &sa_files("ok-2"));
+    kubelet_atomic_write(&good, &sa_files("ok-2"));
     let f = upsert(next(&mut rx, Duration::from_secs(1)).await);
     assert_eq!(f.owner_pod_uid.as_deref(), Some(good_uid.as_str()));
     let r = remove(next(&mut rx, Duration::from_secs(2)).await);
@@ -468,7 +417,7 @@ async fn no_kubelet_dir_then_kubelet_starts() {
         .join(PROJECTED)
         .join("kube-api-access-late");
     std::fs::create_dir_all(&vol).unwrap();
-    atomic_write(&vol, &sa_files("late"));
+    kubelet_atomic_write(&vol, &sa_files("late"));
     // The kubelet dir appearing is seen through the parent dir's watch,
     // then the pods dir; allow for the cascade of rescans.
     let f = upsert(next(&mut rx, Duration::from_secs(2)).await);

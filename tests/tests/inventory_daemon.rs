@@ -5,60 +5,20 @@
 //! CREDENTIALS map after the grace, and a pod directory removed.
 
 use std::{
-    collections::{BTreeSet, HashMap as StdHashMap},
+    collections::BTreeSet,
     os::unix::fs::MetadataExt,
     path::Path,
     time::{Duration, Instant},
 };
 
-use aya::maps::{HashMap, Map, MapData, MapInfo};
-use detector_common::{kernel_dev_from_user, CredentialInfo, CredentialKey};
+use detector_common::kernel_dev_from_user;
 use detector_tests::{
+    kernel::credentials_of,
     require_root,
     runc::{kubelet_atomic_write, new_pod_uid, Container, Layout, Spec, TOKEN_PATH},
-    wait_for, Daemon, Tmpfs,
+    wait_for, Daemon, Tmpfs, TmpfsOn,
 };
 use serde_json::Value;
-
-/// Map ids a process holds, from /proc/<pid>/fdinfo.
-fn map_ids(pid: u32) -> BTreeSet<u32> {
-    let mut ids = BTreeSet::new();
-    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
-        return ids;
-    };
-    for entry in dir.flatten() {
-        let Ok(text) = std::fs::read_to_string(entry.path()) else {
-            continue;
-        };
-        for line in text.lines() {
-            if let Some(v) = line.strip_prefix("map_id:") {
-                if let Ok(id) = v.trim().parse() {
-                    ids.insert(id);
-                }
-            }
-        }
-    }
-    ids
-}
-
-/// The daemon's CREDENTIALS map: (kernel dev, ino) -> credential id.
-fn credentials_of(pid: u32) -> StdHashMap<(u64, u64), u32> {
-    let data = map_ids(pid)
-        .into_iter()
-        .find_map(|id| {
-            let info = MapInfo::from_id(id).ok()?;
-            (info.name_as_str() == Some("CREDENTIALS"))
-                .then(|| MapData::from_id(id).ok())
-                .flatten()
-        })
-        .expect("daemon has a CREDENTIALS map");
-    let map: HashMap<MapData, CredentialKey, CredentialInfo> =
-        HashMap::try_from(Map::HashMap(data)).expect("CREDENTIALS is a hash of key -> info");
-    map.iter()
-        .filter_map(|r| r.ok())
-        .map(|(k, v)| ((k.dev, k.ino), v.id))
-        .collect()
-}
 
 fn key_of(p: &Path) -> (u64, u64) {
     let md = std::fs::metadata(p).unwrap();
@@ -128,32 +88,6 @@ fn rotation_has_no_detection_gap_tracepoint() {
     rotation("tracepoint", true);
 }
 
-/// A tmpfs on the volume directory, as kubelet mounts every projected and
-/// secret volume; unmounted on drop (kubelet unmounts before removing the
-/// pod's directory).
-struct VolumeMount(std::path::PathBuf);
-
-impl VolumeMount {
-    fn new(dir: &Path) -> VolumeMount {
-        let st = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=1m,mode=0755", "tmpfs"])
-            .arg(dir)
-            .status()
-            .unwrap();
-        assert!(st.success(), "mount tmpfs on {}", dir.display());
-        VolumeMount(dir.to_path_buf())
-    }
-}
-
-impl Drop for VolumeMount {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(&self.0)
-            .status();
-    }
-}
-
 fn rotation(sensor: &str, strict_gap: bool) {
     require_root();
     let kubelet = Tmpfs::new("invd-kubelet");
@@ -161,7 +95,7 @@ fn rotation(sensor: &str, strict_gap: bool) {
     let pod_dir = kubelet.dir.join("pods").join(&uid);
     let vol = pod_dir.join("volumes/kubernetes.io~projected/kube-api-access-r0t8x");
     std::fs::create_dir_all(&vol).unwrap();
-    let vol_mount = VolumeMount::new(&vol);
+    let vol_mount = TmpfsOn::mount(&vol);
     std::fs::create_dir_all(pod_dir.join("containers/app")).unwrap();
     let sa = |t: &'static str| [("token", t), ("ca.crt", "ca"), ("namespace", "default")];
     kubelet_atomic_write(&vol, &sa("token-1"));
@@ -423,7 +357,7 @@ fn kubelet_writes_racing_reads_are_not_reads() {
     let pod_dir = kubelet.dir.join("pods").join(&uid);
     let vol = pod_dir.join("volumes/kubernetes.io~projected/kube-api-access-w7q2z");
     std::fs::create_dir_all(&vol).unwrap();
-    let _vol_mount = VolumeMount::new(&vol);
+    let _vol_mount = TmpfsOn::mount(&vol);
     let sa = |t: &str| {
         [
             ("token", t.to_string()),
@@ -533,7 +467,7 @@ fn an_open_then_exec_is_reported_as_the_opener() {
         .join(&uid)
         .join("volumes/kubernetes.io~projected/kube-api-access-o5d3r");
     std::fs::create_dir_all(&vol).unwrap();
-    let _vol_mount = VolumeMount::new(&vol);
+    let _vol_mount = TmpfsOn::mount(&vol);
     kubelet_atomic_write(
         &vol,
         &[("token", "t"), ("ca.crt", "ca"), ("namespace", "default")],

@@ -31,15 +31,7 @@ fn spawn_probe(cg: &TestCgroup, args: &[&str]) -> (Child, String) {
 }
 
 fn run_probe(cg: &TestCgroup, args: &[&str]) -> (u32, String) {
-    let child = cg
-        .command(PROBE)
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let pid = child.id();
-    let out = child.wait_with_output().unwrap();
+    let (pid, out) = cg.run(PROBE, args);
     assert!(
         out.status.success(),
         "probe {args:?} failed: {} {}",

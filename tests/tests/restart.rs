@@ -4,7 +4,7 @@
 //! `detector unpin` removes everything. (Issue: benchmarks and resilience.)
 
 use std::{
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::{Command, Stdio},
     time::Duration,
 };
@@ -52,24 +52,6 @@ impl Drop for Pins {
     }
 }
 
-fn intent(dir: &Path, cg: &TestCgroup, allowed_port: u16) -> String {
-    let rel = cg
-        .path
-        .strip_prefix(detector_tests::cgroup2_root())
-        .unwrap()
-        .display()
-        .to_string();
-    let path = dir.join("intent.yaml");
-    std::fs::write(
-        &path,
-        format!(
-            "apiVersion: detector.dev/v1alpha1\nkind: WorkloadIntent\nmetadata: {{name: pinned, namespace: tests}}\nspec:\n  selector:\n    cgroupPath: \"/{rel}\"\n  destinations:\n    - {{cidr: 127.0.0.1/32, ports: [{allowed_port}]}}\n  action: block\n"
-        ),
-    )
-    .unwrap();
-    path.display().to_string()
-}
-
 fn blocked_findings_of(findings: &[Value], pid: u32) -> usize {
     findings
         .iter()
@@ -91,7 +73,7 @@ fn enforcement_survives_a_daemon_kill_and_nothing_is_lost_or_duplicated() {
     let cg = TestCgroup::new("pinned");
     let allowed = CountingListener::bind("127.0.0.1:0");
     let other = CountingListener::bind("127.0.0.1:0");
-    let policy = intent(&fs.dir, &cg, allowed.addr.port());
+    let policy = cg.intent_file(&fs.dir, allowed.addr.port(), "block");
     let pins = Pins(PathBuf::from("/sys/fs/bpf").join(unique("detector-test-pins")));
     let pin_dir = pins.0.to_str().unwrap().to_string();
     let files = fs.dir.join("daemon"); // alerts, events and log of both runs

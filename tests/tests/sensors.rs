@@ -18,15 +18,7 @@ const WAIT: Duration = Duration::from_secs(10);
 
 /// Run the probe inside `cg`; returns (pid, output).
 fn probe(cg: &TestCgroup, args: &[&str]) -> (u32, Output) {
-    let child = cg
-        .command(PROBE)
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let pid = child.id();
-    (pid, child.wait_with_output().unwrap())
+    cg.run(PROBE, args)
 }
 
 fn ok(out: &Output) {
