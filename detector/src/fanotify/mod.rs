@@ -953,6 +953,12 @@ mod tests {
         let pending = Pending::start(&shared, fan, events[0].fd);
         let opened = done_rx.recv_timeout(Duration::from_secs(5));
         assert_eq!(opened, Ok(true), "the watchdog let the opener through");
+        // The watchdog counts right after its answer; the opener may run first.
+        let counted = Instant::now();
+        while shared.stats.watchdog_answers.get() == 0 && counted.elapsed() < Duration::from_secs(5)
+        {
+            std::thread::sleep(Duration::from_millis(5));
+        }
         assert_eq!(shared.stats.watchdog_answers.get(), 1);
         drop(pending); // answered already: no second answer
         assert_eq!(shared.stats.errors.get(), 0);
