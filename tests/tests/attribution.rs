@@ -12,7 +12,10 @@ use std::{
 use detector::attribution::{parse_cgroup_path, Attributor, Runtime};
 use detector_tests::{
     cgroup2_root, require_root,
-    runc::{kubelet_atomic_write, new_pod_uid, Container, Layout, Spec, TOKEN_PATH},
+    runc::{
+        cgroup_path, kubelet_atomic_write, new_container_id, new_pod_uid, Container, Layout, Spec,
+        TOKEN_PATH,
+    },
     Daemon, Tmpfs,
 };
 use serde_json::Value;
@@ -273,4 +276,87 @@ fn short_lived_containers_attributed_through_the_daemon() {
         assert!(life < Duration::from_secs(2), "container lived {life:?}");
     }
     let _ = Instant::now();
+}
+
+/// Removes the cgroup directories a test made, deepest first, even when
+/// the test fails (only the ones it made: `kubepods` may be shared).
+struct MadeCgroups(Vec<std::path::PathBuf>);
+
+impl Drop for MadeCgroups {
+    fn drop(&mut self) {
+        for d in self.0.iter().rev() {
+            let _ = std::fs::remove_dir(d);
+        }
+    }
+}
+
+/// A workload gone within 50 ms: a container cgroup (the cgroupfs layout's
+/// kubepods path, as runc names it) is made, one `cat` of another pod's
+/// token runs in it, and the cgroup is removed. No runc: its own start and
+/// stop take longer than 50 ms here. The daemon may come to the event only
+/// after the cgroup is gone (it then names it from the kernel's mkdir
+/// event); either way the finding must name the pod and the container.
+#[test]
+fn a_workload_gone_within_50ms_is_attributed() {
+    require_root();
+    let kubelet = Tmpfs::new("attr-50ms");
+    let uid_a = new_pod_uid();
+    let vol = kubelet
+        .dir
+        .join("pods")
+        .join(&uid_a)
+        .join("volumes/kubernetes.io~projected/kube-api-access-fifty");
+    std::fs::create_dir_all(&vol).unwrap();
+    kubelet_atomic_write(
+        &vol,
+        &[("token", "token-a"), ("ca.crt", "ca"), ("namespace", "a")],
+    );
+    let token = vol.join("token");
+    let kdir = kubelet.dir.display().to_string();
+    let d = Daemon::start(&["--kubelet-dir", &kdir]).expect("daemon");
+
+    // A loaded machine may stretch one attempt past 50 ms: try a few.
+    let mut short = None;
+    let mut made = MadeCgroups(Vec::new());
+    for _ in 0..5 {
+        let (uid, cid) = (new_pod_uid(), new_container_id());
+        let rel = cgroup_path(Layout::Cgroupfs, "besteffort", &uid, &cid);
+        let dir = cgroup2_root().join(rel.trim_start_matches('/'));
+        let t0 = Instant::now();
+        for a in dir.ancestors().collect::<Vec<_>>().into_iter().rev() {
+            if a.starts_with(cgroup2_root()) && !a.exists() {
+                std::fs::create_dir(a).unwrap_or_else(|e| panic!("mkdir {}: {e}", a.display()));
+                made.0.push(a.to_path_buf());
+            }
+        }
+        let procs = dir.join("cgroup.procs");
+        let mut cat = std::process::Command::new("cat");
+        cat.arg(&token);
+        // SAFETY: only a write(2) of "0" to a file between fork and exec.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            cat.pre_exec(move || std::fs::write(&procs, b"0"));
+        }
+        let out = cat.output().expect("cat");
+        std::fs::remove_dir(&dir).unwrap_or_else(|e| panic!("rmdir {}: {e}", dir.display()));
+        let life = t0.elapsed();
+        made.0.retain(|p| p != &dir);
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "token-a", "{out:?}");
+        eprintln!("cgroup {rel} lived {life:?}");
+        if life < Duration::from_millis(50) {
+            short = Some((uid, cid, rel));
+            break;
+        }
+    }
+    drop(made);
+    let (uid, cid, rel) = short.expect("no attempt made a cgroup that lived under 50 ms");
+
+    let f = d.wait_findings(Duration::from_secs(10), |f| {
+        f["kind"] == "foreign_credential" && f["workload"]["container_id"] == cid.as_str()
+    });
+    let f = &f[0];
+    assert_eq!(f["workload"]["pod_uid"], uid.as_str(), "{f}");
+    assert_eq!(f["workload"]["cgroup_path"], rel.as_str(), "{f}");
+    assert_eq!(f["credential"]["owner_pod_uid"], uid_a.as_str(), "{f}");
+    assert_eq!(f["process"]["comm"], "cat", "{f}");
 }
