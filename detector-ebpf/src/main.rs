@@ -56,11 +56,8 @@ fn config() -> ProgramConfig {
 // ---- maps -------------------------------------------------------------------
 
 /// Ordinary events: exec, fork, exit, cgroups, non-holders' connects.
-/// 4 MiB holds ~40,000 events, 40 of the daemon's 10 ms polls at 100,000
-/// events/s. Userspace maps the data pages twice (wrap-around), and they
-/// count in the daemon's RSS: 8 MiB cost 16 MiB there.
 #[map]
-static EVENTS: RingBuf = RingBuf::with_byte_size(4 << 20, 0);
+static EVENTS: RingBuf = RingBuf::with_byte_size(8 << 20, 0);
 /// Security-relevant events: credential reads, holders' and denied connects,
 /// holders' execs. A flood of ordinary events cannot crowd them out.
 #[map]
