@@ -110,9 +110,9 @@ pub fn boottime_ns() -> u64 {
 }
 
 /// Give the heap pages freed since the last call back to the kernel. glibc
-/// keeps what a burst freed mapped (a full inventory scan of 10,000 pods,
-/// every 30 s, allocates and frees about 15 MB), so without this the RSS
-/// stays at the high-water mark.
+/// keeps what a burst freed mapped (the initial inventory of 10,000 pods,
+/// a burst of cgroup or process events), so without this the RSS stays at
+/// the high-water mark.
 fn release_free_heap() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim only walks and trims the allocator's own free lists.
