@@ -163,9 +163,7 @@ impl<'a> Locator<'a> {
     /// up to `doc`: ask only for documents that parsed.
     pub fn doc_line(&mut self, doc: usize) -> Option<usize> {
         while self.roots.len() <= doc {
-            let Some(de) = self.stream.next() else {
-                return None;
-            };
+            let de = self.stream.next()?;
             self.roots.push(probe(de, &[], Target::Value));
         }
         self.roots[doc]
