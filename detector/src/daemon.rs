@@ -121,6 +121,20 @@ fn release_free_heap() {
     }
 }
 
+/// Cap glibc's malloc arenas at two (the main thread's, where events are
+/// handled, and one for every other thread) before any thread starts. By
+/// default each thread that ever met contention gets its own arena (up to
+/// 8 per core), and each keeps its own free pages and fragments: RSS the
+/// daemon's mostly idle helper threads (inventory, sinks, CRI, tokio
+/// workers) do not need. Call first thing in `main`.
+pub fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets an allocator tunable; called before threads.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
+}
+
 /// Where the raw decoded events go with `--debug-events`.
 fn open_output(spec: &str) -> Result<Box<dyn Write + Send>> {
     Ok(if spec == "-" {
