@@ -110,14 +110,28 @@ pub fn boottime_ns() -> u64 {
 }
 
 /// Give the heap pages freed since the last call back to the kernel. glibc
-/// keeps what a burst freed mapped (a full inventory scan of 10,000 pods,
-/// every 30 s, allocates and frees about 15 MB), so without this the RSS
-/// stays at the high-water mark.
+/// keeps what a burst freed mapped (the initial inventory of 10,000 pods,
+/// a burst of cgroup or process events), so without this the RSS stays at
+/// the high-water mark.
 fn release_free_heap() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim only walks and trims the allocator's own free lists.
     unsafe {
         libc::malloc_trim(0);
+    }
+}
+
+/// Cap glibc's malloc arenas at two (the main thread's, where events are
+/// handled, and one for every other thread) before any thread starts. By
+/// default each thread that ever met contention gets its own arena (up to
+/// 8 per core), and each keeps its own free pages and fragments: RSS the
+/// daemon's mostly idle helper threads (inventory, sinks, CRI, tokio
+/// workers) do not need. Call first thing in `main`.
+pub fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets an allocator tunable; called before threads.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
     }
 }
 

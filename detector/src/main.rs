@@ -19,6 +19,7 @@ fn main() -> ExitCode {
     init_logging(cli.log_format);
     let result = match cli.command {
         Command::Run(args) => args.resolve().and_then(|settings| {
+            detector::daemon::limit_malloc_arenas();
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
@@ -45,6 +46,7 @@ fn main() -> ExitCode {
             );
         }),
         Command::Learn(args) => args.resolve().and_then(|settings| {
+            detector::daemon::limit_malloc_arenas();
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()

@@ -292,16 +292,34 @@ const MAX_ENTRIES: usize = 65536;
 
 /// One pass over the node. See the module docs.
 pub fn scan(cfg: &InventoryConfig) -> (Vec<CredentialFile>, Vec<String>) {
-    let s = scan_full(cfg);
-    (s.out, s.warnings)
+    struct Collect(Vec<CredentialFile>);
+    impl ScanSink for Collect {
+        fn dir(&mut self, _: &Path) {}
+        fn file(&mut self, f: CredentialFile) {
+            self.0.push(f);
+        }
+    }
+    let mut out = Collect(Vec::new());
+    let warnings = scan_into(cfg, &mut out);
+    (out.0, warnings)
 }
 
-fn scan_full(cfg: &InventoryConfig) -> Scan {
+/// Where a scan reports what it finds, as it goes: the watcher keeps no
+/// copy of a whole pass (10,000 pods are 50,000 directories).
+pub(crate) trait ScanSink {
+    /// A directory whose changes can change the result (for inotify),
+    /// reported before it is listed.
+    fn dir(&mut self, path: &Path);
+    /// A credential, each `(dev, ino)` once per pass.
+    fn file(&mut self, f: CredentialFile);
+}
+
+/// One pass over the node into `sink`; returns the warnings.
+pub(crate) fn scan_into(cfg: &InventoryConfig, sink: &mut dyn ScanSink) -> Vec<String> {
     let mut s = Scan {
-        out: Vec::new(),
+        sink,
         warnings: Vec::new(),
         seen: HashSet::new(),
-        dirs: Vec::new(),
     };
     let matcher = Matcher::new(cfg, &mut s.warnings);
     let pods = cfg.pods_dir();
@@ -316,29 +334,28 @@ fn scan_full(cfg: &InventoryConfig) -> Scan {
             pods.display()
         )),
         Ok(_) => {
-            s.dirs.push(pods.clone());
-            for (name, path) in s.list(&pods) {
+            s.sink.dir(&pods);
+            for name in s.list(&pods) {
+                let path = pods.join(&name);
                 s.scan_pod(&matcher, &name, &path);
             }
         }
     }
     for f in &cfg.extra_files {
         let parent = f.parent().unwrap_or(Path::new("/"));
-        s.dirs.push(parent.to_path_buf());
+        s.sink.dir(parent);
         s.add_file(f, parent, CredentialKind::Custom, None, None, false);
     }
-    s
+    s.warnings
 }
 
-struct Scan {
-    out: Vec<CredentialFile>,
+struct Scan<'s> {
+    sink: &'s mut dyn ScanSink,
     warnings: Vec<String>,
     seen: HashSet<(u64, u64)>,
-    /// Directories whose changes can change the result (for inotify).
-    dirs: Vec<PathBuf>,
 }
 
-impl Scan {
+impl Scan<'_> {
     /// Control characters (a newline in a hostile file name) are escaped:
     /// one warning is one log line.
     fn warn(&mut self, w: String) {
@@ -358,8 +375,9 @@ impl Scan {
         self.warnings.push(clean);
     }
 
-    /// Entries of a directory (names as UTF-8; others are warned about and skipped).
-    fn list(&mut self, dir: &Path) -> Vec<(String, PathBuf)> {
+    /// Entries of a directory (names as UTF-8; others are warned about and
+    /// skipped), sorted. Names only: `pods/` may hold 10,000 entries.
+    fn list(&mut self, dir: &Path) -> Vec<String> {
         let rd = match std::fs::read_dir(dir) {
             Ok(rd) => rd,
             Err(e) => {
@@ -384,7 +402,7 @@ impl Scan {
                 break;
             }
             match ent.file_name().into_string() {
-                Ok(n) => v.push((n, ent.path())),
+                Ok(n) => v.push(n),
                 Err(n) => self.warn(format!(
                     "skipping non-UTF-8 name {:?} in {}",
                     n,
@@ -423,7 +441,7 @@ impl Scan {
         if !self.real_dir(pod_dir) {
             return;
         }
-        self.dirs.push(pod_dir.to_path_buf());
+        self.sink.dir(pod_dir);
         if !plausible_pod_uid(uid) {
             self.warn(format!(
                 "pod directory name {uid:?} is not a pod UID; scanned anyway"
@@ -433,8 +451,9 @@ impl Scan {
         if !volumes.exists() || !self.real_dir(&volumes) {
             return;
         }
-        self.dirs.push(volumes.clone());
-        for (plugin, plugin_dir) in self.list(&volumes) {
+        self.sink.dir(&volumes);
+        for plugin in self.list(&volumes) {
+            let plugin_dir = volumes.join(&plugin);
             let builtin = plugin == PROJECTED || plugin == SECRET;
             if plugin.starts_with("..") || !(builtin || m.descend(&[&plugin])) {
                 continue;
@@ -442,13 +461,14 @@ impl Scan {
             if !self.real_dir(&plugin_dir) {
                 continue;
             }
-            self.dirs.push(plugin_dir.clone());
-            for (vol, vol_dir) in self.list(&plugin_dir) {
+            self.sink.dir(&plugin_dir);
+            for vol in self.list(&plugin_dir) {
+                let vol_dir = plugin_dir.join(&vol);
                 let globbed = m.descend(&[&plugin, &vol]);
                 if vol.starts_with("..") || !(builtin || globbed) || !self.real_dir(&vol_dir) {
                     continue;
                 }
-                self.dirs.push(vol_dir.clone());
+                self.sink.dir(&vol_dir);
                 if builtin {
                     let token = vol_dir.join("token");
                     let rel = format!("{plugin}/{vol}/token");
@@ -484,7 +504,8 @@ impl Scan {
         if comps.len() >= 2 + MAX_DEPTH {
             return;
         }
-        for (name, path) in self.list(dir) {
+        for name in self.list(dir) {
+            let path = dir.join(&name);
             if name.starts_with("..") {
                 continue;
             }
@@ -494,7 +515,7 @@ impl Scan {
                 Ok(md) if md.is_dir() => {
                     let refs: Vec<&str> = comps.iter().map(|s| s.as_str()).collect();
                     if m.descend(&refs) {
-                        self.dirs.push(path.clone());
+                        self.sink.dir(&path);
                         self.walk(m, uid, vol, vol_dir, &path, comps);
                     } else if m.kind_of(&rel).is_some() {
                         self.warn(format!(
@@ -587,7 +608,7 @@ impl Scan {
         if !self.seen.insert((md.dev(), md.ino())) {
             return; // the same file under two names: first wins
         }
-        self.out.push(CredentialFile {
+        self.sink.file(CredentialFile {
             dev: md.dev(),
             ino: md.ino(),
             kind,

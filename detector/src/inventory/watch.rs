@@ -5,7 +5,8 @@
 //! changes, and diffs the result against what it reported before:
 //! - inotify on the pods dir, each pod dir, its `volumes/`, each plugin dir
 //!   and each credential volume dir (kubelet's `..data` swap is a rename in
-//!   the volume dir), and the parents of `extra_files`;
+//!   the volume dir), and the parents of `extra_files`, each watched by the
+//!   scan just before it lists the directory;
 //! - the mount table (`/proc/self/mountinfo` polls with POLLPRI on change):
 //!   kubelet mounts a tmpfs over a projected volume dir *after* creating it,
 //!   which a watch on the old directory inode would never see;
@@ -16,19 +17,23 @@
 //! A credential that disappears (rotated away, pod directory removed) gets
 //! its `Remove` only after `rotation_grace`, and not at all if it comes back
 //! meanwhile. Warnings are logged (tracing `warn`) once while they persist.
+//!
+//! A pass streams into the state (no list of its files or directories is
+//! built), so a periodic rescan of an unchanged node allocates next to
+//! nothing: on a large node those bursts were most of the daemon's RSS swing.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{hash_map::Entry, HashMap, HashSet},
     os::fd::AsRawFd,
-    path::PathBuf,
+    path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
-use inotify::{Inotify, WatchDescriptor, WatchMask};
+use inotify::{Inotify, WatchMask};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
-use super::{scan_full, CredentialFile, InventoryConfig};
+use super::{scan_into, CredentialFile, InventoryConfig, ScanSink};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum InventoryUpdate {
@@ -59,34 +64,65 @@ pub fn spawn_watcher(cfg: InventoryConfig) -> mpsc::Receiver<InventoryUpdate> {
 /// What has been reported, and what waits out its grace period.
 #[derive(Default)]
 pub(crate) struct State {
-    current: HashMap<(u64, u64), CredentialFile>,
+    /// Each credential with the pass that last found it.
+    current: HashMap<(u64, u64), (CredentialFile, u64)>,
     pending: HashMap<(u64, u64), (Instant, CredentialFile)>,
+    pass: u64,
 }
 
 impl State {
+    /// A whole pass at once (see [`State::begin`]).
+    #[cfg(test)]
     pub(crate) fn apply(
         &mut self,
         files: Vec<CredentialFile>,
         now: Instant,
         grace: Duration,
     ) -> Vec<InventoryUpdate> {
-        let mut out = Vec::new();
-        let mut next = HashMap::with_capacity(files.len());
-        for f in files {
-            let k = f.key();
-            self.pending.remove(&k);
-            if self.current.get(&k) != Some(&f) {
-                out.push(InventoryUpdate::Upsert(f.clone()));
-            }
-            next.insert(k, f);
-        }
-        for (k, f) in self.current.drain() {
-            if !next.contains_key(&k) {
-                self.pending.entry(k).or_insert((now + grace, f));
-            }
-        }
-        self.current = next;
+        self.begin();
+        let out = files.into_iter().filter_map(|f| self.offer(f)).collect();
+        self.finish(now, grace);
         out
+    }
+
+    /// A pass starts: [`State::offer`] each file it finds, then
+    /// [`State::finish`]. An unchanged credential costs no allocation, so a
+    /// periodic rescan of a large node leaves the heap as it was.
+    pub(crate) fn begin(&mut self) {
+        self.pass += 1;
+    }
+
+    /// A file found by this pass; an update if it is new or changed.
+    pub(crate) fn offer(&mut self, f: CredentialFile) -> Option<InventoryUpdate> {
+        let k = f.key();
+        self.pending.remove(&k);
+        match self.current.entry(k) {
+            Entry::Occupied(o) => {
+                let (cur, seen) = o.into_mut();
+                *seen = self.pass;
+                if *cur == f {
+                    return None;
+                }
+                *cur = f.clone();
+            }
+            Entry::Vacant(v) => {
+                v.insert((f.clone(), self.pass));
+            }
+        }
+        Some(InventoryUpdate::Upsert(f))
+    }
+
+    /// The pass is over: what it did not find waits out its grace period.
+    pub(crate) fn finish(&mut self, now: Instant, grace: Duration) {
+        let (pass, pending) = (self.pass, &mut self.pending);
+        self.current.retain(|k, (f, seen)| {
+            if *seen != pass {
+                pending
+                    .entry(*k)
+                    .or_insert_with(|| (now + grace, f.clone()));
+            }
+            *seen == pass
+        });
     }
 
     pub(crate) fn expire(&mut self, now: Instant) -> Vec<InventoryUpdate> {
@@ -107,9 +143,16 @@ impl State {
     }
 }
 
+/// The inotify watches. Every directory the scan lists is watched just
+/// before it is listed, so what is created in it afterwards is an event,
+/// and nothing is kept per directory (the kernel drops the watch of a
+/// removed directory by itself).
 struct Watches {
     inotify: Option<Inotify>,
-    watched: HashMap<PathBuf, WatchDescriptor>,
+    /// Directories left unwatched in this pass (watch limit reached).
+    over_limit: usize,
+    /// Warned about the limit since the last pass without it.
+    warned_limit: bool,
 }
 
 impl Watches {
@@ -123,50 +166,60 @@ impl Watches {
             | WatchMask::ONLYDIR
     }
 
-    /// Watch every directory of the last scan. Adding an existing watch is
-    /// cheap (same descriptor); a path now covered by a mount gets a new
-    /// watch on the mounted directory. Returns whether any directory is
-    /// newly watched: what was created in it between the scan listing it
-    /// and the watch is seen by one more scan.
-    fn update(&mut self, dirs: &[PathBuf], cfg: &InventoryConfig) -> bool {
+    /// Adding an existing watch is cheap (same descriptor); a path now
+    /// covered by a mount gets a new watch on the mounted directory.
+    fn add(&mut self, d: &Path) {
         let Some(ino) = self.inotify.as_mut() else {
-            return false;
+            return;
         };
-        let mut want: Vec<PathBuf> = dirs.to_vec();
+        match ino.watches().add(d, Self::mask()) {
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => self.over_limit += 1,
+            Err(e) => debug!(dir = %d.display(), error = %e, "cannot watch"),
+        }
+    }
+
+    /// Before a pass: while kubelet is not (yet) there, watch for the pods
+    /// dir being created (before the scan looks for it: no window).
+    fn begin_pass(&mut self, cfg: &InventoryConfig) {
         if !cfg.pods_dir().is_dir() {
-            // Kubelet not (yet) there: notice the pods dir being created.
-            for d in [
-                cfg.kubelet_dir.clone(),
-                cfg.kubelet_dir
-                    .parent()
-                    .map(PathBuf::from)
-                    .unwrap_or_default(),
-            ] {
-                if d.is_dir() {
-                    want.push(d);
-                    break;
-                }
+            let parent = cfg.kubelet_dir.parent().map(PathBuf::from);
+            if let Some(d) = [Some(cfg.kubelet_dir.clone()), parent]
+                .into_iter()
+                .flatten()
+                .find(|d| d.is_dir())
+            {
+                self.add(&d);
             }
         }
-        let mut now = HashMap::new();
-        let mut fresh = false;
-        for d in want {
-            match ino.watches().add(&d, Self::mask()) {
-                Ok(wd) => {
-                    fresh |= self.watched.get(&d) != Some(&wd);
-                    now.insert(d, wd);
-                }
-                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => {
-                    if !self.watched.contains_key(&d) {
-                        warn!(dir = %d.display(), "inotify watch limit reached (fs.inotify.max_user_watches); relying on the periodic rescan");
-                    }
-                }
-                Err(e) => debug!(dir = %d.display(), error = %e, "cannot watch"),
-            }
+    }
+
+    /// After a pass: report the watch limit once while it lasts.
+    fn end_pass(&mut self) {
+        if self.over_limit > 0 && !self.warned_limit {
+            warn!(
+                unwatched = self.over_limit,
+                "inotify watch limit reached (fs.inotify.max_user_watches); relying on the periodic rescan"
+            );
         }
-        // Kernel drops watches of deleted dirs by itself; we only forget them.
-        self.watched = now;
-        fresh
+        self.warned_limit = self.over_limit > 0;
+        self.over_limit = 0;
+    }
+}
+
+/// One pass of the watcher: watches and state updated as the scan goes.
+struct Pass<'a> {
+    watches: &'a mut Watches,
+    state: &'a mut State,
+    updates: Vec<InventoryUpdate>,
+}
+
+impl ScanSink for Pass<'_> {
+    fn dir(&mut self, path: &Path) {
+        self.watches.add(path);
+    }
+    fn file(&mut self, f: CredentialFile) {
+        self.updates.extend(self.state.offer(f));
     }
 }
 
@@ -181,26 +234,33 @@ fn run(cfg: InventoryConfig, tx: mpsc::Sender<InventoryUpdate>) {
     let mounts = std::fs::File::open("/proc/self/mountinfo").ok();
     let mut watches = Watches {
         inotify,
-        watched: HashMap::new(),
+        over_limit: 0,
+        warned_limit: false,
     };
     let mut state = State::default();
     let mut warned: HashSet<String> = HashSet::new();
     let mut buf = vec![0u8; 64 * 1024];
 
     let rescan = |state: &mut State, watches: &mut Watches, warned: &mut HashSet<String>| {
-        let mut s = scan_full(&cfg);
-        for _ in 0..3 {
-            if !watches.update(&s.dirs, &cfg) {
-                break;
-            }
-            s = scan_full(&cfg);
-        }
-        let fresh: HashSet<String> = s.warnings.into_iter().collect();
+        state.begin();
+        watches.begin_pass(&cfg);
+        let mut pass = Pass {
+            watches,
+            state,
+            updates: Vec::new(),
+        };
+        let warnings = scan_into(&cfg, &mut pass);
+        let Pass {
+            watches, updates, ..
+        } = pass;
+        watches.end_pass();
+        state.finish(Instant::now(), cfg.rotation_grace);
+        let fresh: HashSet<String> = warnings.into_iter().collect();
         for w in fresh.difference(warned) {
             warn!(warning = %w, "credential inventory");
         }
         *warned = fresh;
-        state.apply(s.out, Instant::now(), cfg.rotation_grace)
+        updates
     };
 
     let first = rescan(&mut state, &mut watches, &mut warned);

@@ -17,7 +17,7 @@ use serde_norway::Value;
 
 use crate::yaml::{
     clamp_line, error_message,
-    locate::{best_line, line_of, FieldPath, Target as At},
+    locate::{FieldPath, Locator, Target as At},
     too_deep, MAX_FLOW_DEPTH,
 };
 
@@ -244,6 +244,7 @@ fn parse_text(
         });
         return (intents, warnings);
     }
+    let mut locator = Locator::new(text);
     for (doc, de) in serde_norway::Deserializer::from_str(text).enumerate() {
         if doc >= MAX_DOCUMENTS {
             found.push(PolicyError {
@@ -302,12 +303,12 @@ fn parse_text(
             dns,
         };
         let intent = cx.intent(&value);
-        let doc_line = line_of(text, doc, &FieldPath::root(), At::Value).unwrap_or(1);
-        let resolve = |p: Problem| {
+        let doc_line = locator.doc_line(doc).unwrap_or(1);
+        let mut resolve = |p: Problem| {
             let line = if p.path.0.is_empty() {
                 doc_line
             } else {
-                best_line(text, doc, &p.path, p.at, doc_line)
+                locator.best_line(doc, &p.path, p.at, doc_line)
             };
             let message = if p.path.0.is_empty() {
                 p.message
@@ -324,7 +325,7 @@ fn parse_text(
             cx.problems.into_iter().partition(|p| !p.warning);
         let budget = MAX_ERRORS_PER_FILE.saturating_sub(found.len());
         let over = bad.len().saturating_sub(budget);
-        found.extend(bad.into_iter().take(budget).map(resolve));
+        found.extend(bad.into_iter().take(budget).map(&mut resolve));
         if over > 0 {
             found.push(PolicyError {
                 file: file.into(),
@@ -335,13 +336,13 @@ fn parse_text(
         warnings.extend(warn.into_iter().take(MAX_ERRORS_PER_FILE).map(resolve));
         if let Some(mut intent) = intent {
             intent.file = file.into();
-            intent.line = line_of(
-                text,
-                doc,
-                &FieldPath::root().key("metadata").key("name"),
-                At::Value,
-            )
-            .unwrap_or(doc_line);
+            intent.line = locator
+                .line_of(
+                    doc,
+                    &FieldPath::root().key("metadata").key("name"),
+                    At::Value,
+                )
+                .unwrap_or(doc_line);
             intents.push(intent);
         }
         if found.len() >= MAX_ERRORS_PER_FILE {

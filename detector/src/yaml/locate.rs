@@ -82,15 +82,19 @@ const PROBE: &str = "\u{0}detector-locate";
 /// or `None` when the path is not there.
 pub fn line_of(text: &str, doc: usize, path: &FieldPath, target: Target) -> Option<usize> {
     let de = serde_norway::Deserializer::from_str(text).nth(doc)?;
-    let target = match (target, path.0.last()) {
+    probe(de, &path.0, key_or_value(path, target))
+}
+
+fn key_or_value(path: &FieldPath, target: Target) -> Target {
+    match (target, path.0.last()) {
         (Target::Key, Some(Seg::Key(_))) => Target::Key,
         _ => Target::Value,
-    };
-    let probe = Probe {
-        path: &path.0,
-        target,
-    };
-    match probe.deserialize(de) {
+    }
+}
+
+/// Walk one document down `path`; the line of the node reached.
+fn probe(de: serde_norway::Deserializer<'_>, path: &[Seg], target: Target) -> Option<usize> {
+    match (Probe { path, target }).deserialize(de) {
         Ok(()) => None,
         Err(e) if e.to_string().contains(PROBE) => e.location().map(|l| l.line()),
         Err(_) => None,
@@ -106,18 +110,111 @@ pub fn best_line(
     target: Target,
     fallback: usize,
 ) -> usize {
-    if let Some(l) = line_of(text, doc, path, target) {
+    best_line_with(|p, t| line_of(text, doc, p, t), path, target, fallback)
+}
+
+fn best_line_with(
+    mut line_of: impl FnMut(&FieldPath, Target) -> Option<usize>,
+    path: &FieldPath,
+    target: Target,
+    fallback: usize,
+) -> usize {
+    if let Some(l) = line_of(path, target) {
         return l;
     }
     let mut p = path.clone();
     while let Some(parent) = p.parent() {
         // An ancestor's own key line is more telling than its value's.
-        if let Some(l) = line_of(text, doc, &parent, Target::Key) {
+        if let Some(l) = line_of(&parent, Target::Key) {
             return l;
         }
         p = parent;
     }
     fallback
+}
+
+/// Line lookups in the documents of one text, read in order. [`line_of`]
+/// re-parses every document before the one it looks in, so looking up each
+/// of n documents costs O(n²) (1000 intents in one file: seconds). This
+/// re-parses only the document itself: it starts reading at the document's
+/// first node, found once per document while walking the stream in step
+/// with the caller (so only documents the caller got to are ever parsed,
+/// never what lies after a syntax error).
+pub struct Locator<'a> {
+    text: &'a str,
+    /// Byte offset of each line (as the parser counts lines).
+    line_starts: Vec<usize>,
+    stream: serde_norway::Deserializer<'a>,
+    /// 1-based line of each visited document's root node (`None`: none).
+    roots: Vec<Option<usize>>,
+}
+
+impl<'a> Locator<'a> {
+    pub fn new(text: &'a str) -> Self {
+        Locator {
+            text,
+            line_starts: line_starts(text),
+            stream: serde_norway::Deserializer::from_str(text),
+            roots: Vec::new(),
+        }
+    }
+
+    /// Line of document `doc`'s root node. Documents are visited in order,
+    /// up to `doc`: ask only for documents that parsed.
+    pub fn doc_line(&mut self, doc: usize) -> Option<usize> {
+        while self.roots.len() <= doc {
+            let de = self.stream.next()?;
+            self.roots.push(probe(de, &[], Target::Value));
+        }
+        self.roots[doc]
+    }
+
+    /// [`line_of`], reading only document `doc`.
+    pub fn line_of(&mut self, doc: usize, path: &FieldPath, target: Target) -> Option<usize> {
+        let root = self.doc_line(doc)?;
+        if path.0.is_empty() {
+            return Some(root);
+        }
+        let start = self.line_starts.get(root - 1).copied()?;
+        // The root node's line holds nothing of the document before (a
+        // document ends only at a `---` or `...` line), so from its start
+        // the first document read is this one, `root - 1` lines down.
+        let rest = &self.text[start..];
+        let mut docs = serde_norway::Deserializer::from_str(rest);
+        let here = docs.next().and_then(|de| probe(de, &[], Target::Value));
+        if here != Some(1) {
+            // Not what the reasoning above expects: the slow, sure way.
+            return line_of(self.text, doc, path, target);
+        }
+        let de = serde_norway::Deserializer::from_str(rest).next()?;
+        probe(de, &path.0, key_or_value(path, target)).map(|l| l + root - 1)
+    }
+
+    /// [`best_line`], reading only document `doc`.
+    pub fn best_line(
+        &mut self,
+        doc: usize,
+        path: &FieldPath,
+        target: Target,
+        fallback: usize,
+    ) -> usize {
+        best_line_with(|p, t| self.line_of(doc, p, t), path, target, fallback)
+    }
+}
+
+/// Byte offsets where lines start, with the parser's line breaks (see
+/// [`super::line_count`]).
+fn line_starts(text: &str) -> Vec<usize> {
+    let mut v = vec![0];
+    let mut it = text.char_indices().peekable();
+    while let Some((i, c)) = it.next() {
+        match c {
+            '\r' if matches!(it.peek(), Some((_, '\n'))) => {}
+            '\n' | '\r' | '\u{85}' | '\u{2028}' | '\u{2029}' => v.push(i + c.len_utf8()),
+            _ => {}
+        }
+    }
+    v
 }
 
 struct Probe<'a> {
@@ -365,5 +462,88 @@ spec:
         assert_eq!(d1.to_string(), "spec.destinations[1].cidr");
         let odd = p(&[k("spec"), k("a\u{1b}[2J"), k("x.y")]);
         assert_eq!(odd.to_string(), "spec.\"a\\u{1b}[2J\".\"x.y\"");
+    }
+
+    /// The locator answers as `line_of` does, document by document, in a
+    /// stream whose documents start with comments, markers on the root's
+    /// line, flow roots, CRLF and unicode line breaks.
+    #[test]
+    fn locator_agrees_with_line_of() {
+        use Seg::*;
+        let k = |s: &str| Key(s.into());
+        let text = "\
+# leading comment
+a: 1
+b:
+  - x
+  - y
+--- {a: 2,
+  b: [p, q]}
+---
+# comment
+\r\n\
+a: 3\r\n\
+b:\r\n\
+  - z\r\n\
+---\r\n\
+---
+a: \"4\u{2028}\"
+b: [w]
+...
+---
+a: 5
+b:
+  - v
+";
+        let paths = [
+            p(&[]),
+            p(&[k("a")]),
+            p(&[k("b")]),
+            p(&[k("b"), Index(0)]),
+            p(&[k("b"), Index(1)]),
+            p(&[k("nope")]),
+        ];
+        let mut loc = Locator::new(text);
+        let mut docs = 0;
+        for doc in 0..7 {
+            for path in &paths {
+                for t in [Target::Key, Target::Value] {
+                    let want = line_of(text, doc, path, t);
+                    assert_eq!(loc.line_of(doc, path, t), want, "doc {doc} {path} {t:?}");
+                    assert_eq!(
+                        loc.best_line(doc, path, t, 99),
+                        best_line(text, doc, path, t, 99),
+                        "doc {doc} {path} {t:?}"
+                    );
+                }
+            }
+            docs += usize::from(line_of(text, doc, &p(&[]), Target::Value).is_some());
+        }
+        assert_eq!(docs, 6, "the stream has six documents");
+        // Spot checks against the text itself.
+        let mut loc = Locator::new(text);
+        assert_eq!(
+            loc.line_of(0, &p(&[k("b"), Index(1)]), Target::Value),
+            Some(5)
+        );
+        assert_eq!(
+            loc.line_of(1, &p(&[k("b"), Index(1)]), Target::Value),
+            Some(7)
+        );
+        assert_eq!(
+            loc.line_of(2, &p(&[k("b"), Index(0)]), Target::Value),
+            Some(13)
+        );
+        assert_eq!(
+            loc.best_line(2, &p(&[k("b"), Index(3)]), Target::Value, 1),
+            12
+        );
+    }
+
+    #[test]
+    fn line_starts_follow_the_parser_s_breaks() {
+        let t = "a\nb\r\nc\rd\u{85}e\u{2028}f";
+        assert_eq!(line_starts(t).len(), crate::yaml::line_count(t));
+        assert_eq!(line_starts(t), vec![0, 2, 5, 7, 10, 14]);
     }
 }
