@@ -27,8 +27,8 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use detector_common::{
-    names, AllowKey4, AllowKey6, AllowPorts, CgroupBudget, CgroupPolicy, CredentialInfo,
-    CredentialKey, DenyRule, EventKind, Holder, KernelOffsets, ProgramConfig,
+    names, AllowKey4, AllowKey6, AllowPorts, CgroupBudget, CgroupPolicy, CredSeen, CredSeenKey,
+    CredentialInfo, CredentialKey, DenyRule, EventKind, Holder, KernelOffsets, ProgramConfig,
 };
 use tracing::{info, warn};
 
@@ -218,6 +218,9 @@ pub struct Rings {
 pub struct KernelMaps {
     pub credentials: HashMap<MapData, CredentialKey, CredentialInfo>,
     pub holders: HashMap<MapData, u32, Holder>,
+    /// Credential-read aggregation (the fanotify sensor folds re-reads
+    /// into it as the open tracepoints do).
+    pub cred_seen: HashMap<MapData, CredSeenKey, CredSeen>,
     pub cgroup_policy: HashMap<MapData, u64, CgroupPolicy>,
     pub allow4: LpmTrie<MapData, AllowKey4, AllowPorts>,
     pub allow6: LpmTrie<MapData, AllowKey6, AllowPorts>,
@@ -485,6 +488,7 @@ impl Sensors {
         let maps = KernelMaps {
             credentials: take(&mut ebpf, names::CREDENTIALS)?,
             holders: take(&mut ebpf, names::HOLDERS)?,
+            cred_seen: take(&mut ebpf, names::CRED_SEEN)?,
             cgroup_policy: take(&mut ebpf, names::CGROUP_POLICY)?,
             allow4: take(&mut ebpf, names::ALLOW4)?,
             allow6: take(&mut ebpf, names::ALLOW6)?,
