@@ -685,17 +685,47 @@ fn watchdog(shared: Arc<Shared>, limit: Duration) {
 
 /// A thread that opened a credential and was reported: enough to know it
 /// again on its next open without reading /proc in full.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Debug)]
 struct KnownThread {
     tgid: u32,
     ppid: u32,
     /// `starttime` of /proc/<tgid>/task/<tid>/stat: with the path, it
     /// tells a reused thread id from the thread we saw.
     start: u64,
+    /// A pidfd of the thread (`PIDFD_THREAD`): while it does not poll
+    /// readable, the thread lives, so its id names it and no other.
+    /// `None` where the kernel has no thread pidfds (before 6.9).
+    pidfd: Option<OwnedFd>,
 }
 
-/// Threads remembered at most (then forgotten all at once: a cache).
-const KNOWN_THREADS: usize = 4096;
+/// Threads remembered at most (then forgotten all at once: a cache; each
+/// holds a descriptor).
+const KNOWN_THREADS: usize = 512;
+
+/// pidfd_open(2) flag: a pidfd of one thread, readable when it exits.
+const PIDFD_THREAD: libc::c_uint = libc::O_EXCL as libc::c_uint;
+
+fn thread_pidfd(tid: u32) -> Option<OwnedFd> {
+    // SAFETY: plain syscall; a non-negative result is a new descriptor.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, tid as libc::pid_t, PIDFD_THREAD) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: fresh descriptor we own.
+    Some(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as RawFd) })
+}
+
+/// Has the thread of `pidfd` exited (or can we not tell)?
+fn thread_gone(pidfd: &OwnedFd) -> bool {
+    let mut p = libc::pollfd {
+        fd: pidfd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd; zero timeout.
+    let n = unsafe { libc::poll(&mut p, 1, 0) };
+    n != 0
+}
 
 /// The responder thread's state.
 struct Responder {
@@ -904,19 +934,28 @@ impl Responder {
     /// reads it again): the thread is one we saw, its process is still the
     /// kernel's holder of this credential and the open falls in the window
     /// of its last report. Then the open is only counted (as the kernel
-    /// counts a re-open it aggregates) and answered after one /proc read,
-    /// instead of four. Its holder state is already in the kernel map, so
-    /// the answer still comes after HOLDERS says "holder". Any doubt (a
-    /// new parent, a reused thread id, the window over) takes the full path.
+    /// counts a re-open it aggregates) and answered after a poll of the
+    /// thread's pidfd (or one /proc read) instead of four /proc reads. Its
+    /// holder state is already in the kernel map, so the answer still comes
+    /// after HOLDERS says "holder". Any doubt (a reused thread id, the
+    /// window over, another credential) takes the full path. Unlike the
+    /// full path it does not look at the parent again: a reader reparented
+    /// to a process of its cgroup makes that one a holder at its next
+    /// reported open, at most one window later.
     fn repeat_of_known_holder(&mut self, tid: u32, id: u32, now: u64) -> bool {
         if self.dedup_ns == 0 {
             return false;
         }
-        let Some(k) = self.known.get(&tid).copied() else {
+        let Some(k) = self.known.get(&tid) else {
             return false;
         };
+        let (tgid, ppid, start) = (k.tgid, k.ppid, k.start);
+        let same = match &k.pidfd {
+            Some(fd) => !thread_gone(fd),
+            None => false,
+        };
         let key = CredSeenKey {
-            tgid: k.tgid,
+            tgid,
             credential_id: id,
         };
         let Ok(mut seen) = self.cred_seen.get(&key, 0) else {
@@ -927,20 +966,19 @@ impl Responder {
         }
         if !self
             .holders
-            .get(&k.tgid, 0)
+            .get(&tgid, 0)
             .is_ok_and(|h| h.credential_id == id)
         {
             return false;
         }
-        // The path names the thread group: a thread id reused by another
-        // process does not resolve; one reused in the same process is the
-        // same holder (start time tells anyway).
-        match self.thread_stat(k.tgid, tid) {
-            Some((ppid, start)) if ppid == k.ppid && start == k.start => {}
-            _ => {
-                self.known.remove(&tid);
-                return false;
-            }
+        // A live thread's id is its own. Without a pidfd, the path names
+        // the thread group (a thread id reused by another process does not
+        // resolve) and the start time the thread.
+        let same = same
+            || matches!(self.thread_stat(tgid, tid), Some((p, st)) if p == ppid && st == start);
+        if !same {
+            self.known.remove(&tid);
+            return false;
         }
         seen.suppressed = seen.suppressed.saturating_add(1);
         if self.cred_seen.insert(key, seen, 0).is_err() {
@@ -976,6 +1014,7 @@ impl Responder {
                 tgid: o.status.tgid,
                 ppid,
                 start,
+                pidfd: thread_pidfd(tid),
             },
         );
     }
