@@ -47,7 +47,7 @@ fn bpftrace_program() -> String {
 pub struct BenchArgs {
     /// Rounds; each round measures every workload once under every
     /// configuration, in rotated order.
-    #[arg(long, default_value_t = 6)]
+    #[arg(long, default_value_t = 8)]
     rounds: usize,
     /// Multiply every iteration count (e.g. 0.1 for a quick look).
     #[arg(long, default_value_t = 1.0)]
@@ -1061,7 +1061,10 @@ interquartile range and the minimum of those per-round ratios (the spread the sh
     intents), measured once `/readyz` answers 200, stopped with SIGTERM after the round's workloads;
   - `detector (fanotify)` (raw samples: `fanotify`) — the same with `--open-sensor fanotify`: no syscall
     tracepoint attached; an open of the credential file waits until the daemon has recorded the opener
-    as a holder and answered;
+    as a holder and answered. The loop (b) re-opens the file from one thread: after the first open
+    (the full path: /proc read, HOLDERS update, event queued), each re-open within
+    `--credential-dedup-ms` (default 1000 ms) by that known holder thread is answered after a poll of
+    its pidfd and counted in the kernel's `CRED_SEEN`, as the tracepoint sensor counts it;
   - `bpftrace` — `bpftrace -e '{bt_prog}'`, measured once it printed `Attaching 1 probe...` plus 0.5 s;
     a sentinel open of the token path from a thread with a unique name must appear in its map at exit,
     else that round's bpftrace samples are discarded.
