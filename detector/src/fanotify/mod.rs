@@ -11,7 +11,11 @@
 //! in the same cgroup, as the kernel sensor does) into the kernel's
 //! `HOLDERS` map *before* answering. Its very next connect is therefore
 //! judged as a holder's by the cgroup programs: blocking stays race-free.
-//! We always answer `FAN_ALLOW`. A `FAN_CLASS_NOTIF` + `FAN_OPEN` group
+//! We always answer `FAN_ALLOW`. Re-opens within `--credential-dedup-ms`
+//! are folded into the kernel's `CRED_SEEN` like the open tracepoints fold
+//! them (the report carries `repeats`, the exit what is left), and a known
+//! holder thread's re-open is answered without reading /proc again
+//! (`Responder::repeat_of_known_holder`). A `FAN_CLASS_NOTIF` + `FAN_OPEN` group
 //! would not make the opener wait, but the opener's connect can then run
 //! before we have seen the open (and it may be gone by the time we look):
 //! see docs/BENCHMARKS.md for both measured.
