@@ -543,7 +543,9 @@ pub fn sched_process_exit(_ctx: RawTracePointContext) -> i32 {
         }
     }
     // A deny rule names a process, not a pid number that will be reused.
-    let _ = DENY_TGID.remove(&hdr.tgid);
+    if config().deny_rules != 0 {
+        let _ = DENY_TGID.remove(&hdr.tgid);
+    }
     let urgent = unreported != 0;
     if !admit(hdr.cgroup_id, urgent) {
         return 0;
@@ -730,10 +732,19 @@ fn on_egress(ctx: &SockAddrContext, hook: EgressHook) -> i32 {
             ALLOW6.get(&key)
         }
     };
+    // Two hash lookups saved on every connect where no rule exists.
+    let (deny_process, deny_cgroup) = if cfg.deny_rules != 0 {
+        (
+            rule_action(unsafe { DENY_TGID.get(&tgid) }),
+            rule_action(unsafe { DENY_CGROUP.get(&cgroup_id) }),
+        )
+    } else {
+        (None, None)
+    };
     let (verdict, reason) = decide(&DecisionInput {
         enforce: cfg.enforce != 0,
-        deny_process: rule_action(unsafe { DENY_TGID.get(&tgid) }),
-        deny_cgroup: rule_action(unsafe { DENY_CGROUP.get(&cgroup_id) }),
+        deny_process,
+        deny_cgroup,
         is_holder: holder != 0,
         policy: policy.map(|p| PolicyAction::from_u32(p.action)),
         allowed,

@@ -531,6 +531,7 @@ pub async fn run(settings: RunSettings) -> Result<()> {
             cgroup_alert_budget: settings.cgroup_alert_budget,
             pin_dir: settings.pin_dir.clone(),
             open_tracepoints: fanotify_group.is_none(),
+            deny_rules: !settings.deny_cgroup.is_empty(),
         },
     )?;
     let mut open_sensor = start_open_sensor(

@@ -68,6 +68,9 @@ pub struct SensorConfig {
     /// when the fanotify sensor sees credential opens instead: any syscall
     /// tracepoint slows every syscall of every task.
     pub open_tracepoints: bool,
+    /// Deny rules will be written (`--deny-cgroup`); without, the egress
+    /// programs skip the two deny-map lookups.
+    pub deny_rules: bool,
 }
 
 /// Maps whose contents must survive a daemon restart when pinning.
@@ -343,6 +346,8 @@ impl Sensors {
             },
             budget_bulk: per_window(cfg.cgroup_event_budget),
             budget_urgent: per_window(cfg.cgroup_alert_budget),
+            deny_rules: cfg.deny_rules as u32,
+            _pad: 0,
         };
         let pins = match &cfg.pin_dir {
             Some(root) => {
