@@ -157,6 +157,10 @@ pub struct ProgramConfig {
     pub budget_window_ns: u64,
     pub budget_bulk: u32,
     pub budget_urgent: u32,
+    /// Non-zero when userspace wrote deny rules (`--deny-cgroup`): only
+    /// then do egress programs look them up, and exits clean them up.
+    pub deny_rules: u32,
+    pub _pad: u32,
 }
 
 /// Value of the per-cgroup, per-CPU event budget (key: cgroup id).

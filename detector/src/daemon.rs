@@ -545,9 +545,16 @@ pub async fn run(settings: RunSettings) -> Result<()> {
             cgroup_alert_budget: settings.cgroup_alert_budget,
             pin_dir: settings.pin_dir.clone(),
             open_tracepoints: fanotify_group.is_none(),
+            deny_rules: !settings.deny_cgroup.is_empty(),
         },
     )?;
-    let mut open_sensor = start_open_sensor(fanotify_group, &mut sensors, &cgroup_root, &metrics)?;
+    let mut open_sensor = start_open_sensor(
+        fanotify_group,
+        &mut sensors,
+        &cgroup_root,
+        settings.credential_dedup_ms,
+        &metrics,
+    )?;
     metrics.probes_attached.set(sensors.attached.len() as i64);
     info!(programs = sensors.attached.len(), cgroup_root = %cgroup_root.display(), mode = ?settings.mode, "kernel programs attached");
 
@@ -797,6 +804,7 @@ fn start_open_sensor(
     group: Option<fanotify::Group>,
     sensors: &mut Sensors,
     cgroup_root: &Path,
+    credential_dedup_ms: u64,
     metrics: &Metrics,
 ) -> Result<Option<fanotify::FanotifySensor>> {
     let Some(group) = group else {
@@ -809,7 +817,11 @@ fn start_open_sensor(
     let s = fanotify::FanotifySensor::start(
         group,
         &sensors.maps.holders,
-        fanotify::Config::new(cgroup_root),
+        &sensors.maps.cred_seen,
+        fanotify::Config {
+            dedup: Duration::from_millis(credential_dedup_ms),
+            ..fanotify::Config::new(cgroup_root)
+        },
         &metrics.registry,
         lost,
     )?;

@@ -27,8 +27,8 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use detector_common::{
-    names, AllowKey4, AllowKey6, AllowPorts, CgroupBudget, CgroupPolicy, CredentialInfo,
-    CredentialKey, DenyRule, EventKind, Holder, KernelOffsets, ProgramConfig,
+    names, AllowKey4, AllowKey6, AllowPorts, CgroupBudget, CgroupPolicy, CredSeen, CredSeenKey,
+    CredentialInfo, CredentialKey, DenyRule, EventKind, Holder, KernelOffsets, ProgramConfig,
 };
 use tracing::{info, warn};
 
@@ -68,6 +68,9 @@ pub struct SensorConfig {
     /// when the fanotify sensor sees credential opens instead: any syscall
     /// tracepoint slows every syscall of every task.
     pub open_tracepoints: bool,
+    /// Deny rules will be written (`--deny-cgroup`); without, the egress
+    /// programs skip the two deny-map lookups.
+    pub deny_rules: bool,
 }
 
 /// Maps whose contents must survive a daemon restart when pinning.
@@ -218,6 +221,9 @@ pub struct Rings {
 pub struct KernelMaps {
     pub credentials: HashMap<MapData, CredentialKey, CredentialInfo>,
     pub holders: HashMap<MapData, u32, Holder>,
+    /// Credential-read aggregation (the fanotify sensor folds re-reads
+    /// into it as the open tracepoints do).
+    pub cred_seen: HashMap<MapData, CredSeenKey, CredSeen>,
     pub cgroup_policy: HashMap<MapData, u64, CgroupPolicy>,
     pub allow4: LpmTrie<MapData, AllowKey4, AllowPorts>,
     pub allow6: LpmTrie<MapData, AllowKey6, AllowPorts>,
@@ -340,6 +346,8 @@ impl Sensors {
             },
             budget_bulk: per_window(cfg.cgroup_event_budget),
             budget_urgent: per_window(cfg.cgroup_alert_budget),
+            deny_rules: cfg.deny_rules as u32,
+            _pad: 0,
         };
         let pins = match &cfg.pin_dir {
             Some(root) => {
@@ -485,6 +493,7 @@ impl Sensors {
         let maps = KernelMaps {
             credentials: take(&mut ebpf, names::CREDENTIALS)?,
             holders: take(&mut ebpf, names::HOLDERS)?,
+            cred_seen: take(&mut ebpf, names::CRED_SEEN)?,
             cgroup_policy: take(&mut ebpf, names::CGROUP_POLICY)?,
             allow4: take(&mut ebpf, names::ALLOW4)?,
             allow6: take(&mut ebpf, names::ALLOW6)?,

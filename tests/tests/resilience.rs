@@ -162,18 +162,27 @@ fn a_flooding_pod_does_not_hide_another_pods_attack() {
 
 #[test]
 fn repeated_reads_are_aggregated_in_the_kernel_with_exact_counts() {
+    repeated_reads_are_aggregated_with_exact_counts("tracepoint");
+}
+
+/// The fanotify responder folds re-opens into the kernel's CRED_SEEN too
+/// (and answers a known holder's re-open on a short path): same counts.
+#[test]
+fn repeated_reads_are_aggregated_by_the_fanotify_sensor_with_exact_counts() {
+    repeated_reads_are_aggregated_with_exact_counts("fanotify");
+}
+
+fn repeated_reads_are_aggregated_with_exact_counts(open_sensor: &str) {
     require_root();
     let fs = Tmpfs::new("agg");
     let tok = fs.dir.join("token");
     std::fs::write(&tok, "t").unwrap();
     let cg = TestCgroup::new("reader");
-    // In-kernel aggregation is the tracepoint sensor's (fanotify reports
-    // every open from userspace).
     let d = Daemon::start(&[
         "--credential-file",
         tok.to_str().unwrap(),
         "--open-sensor",
-        "tracepoint",
+        open_sensor,
     ])
     .unwrap();
 

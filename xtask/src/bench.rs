@@ -47,7 +47,7 @@ fn bpftrace_program() -> String {
 pub struct BenchArgs {
     /// Rounds; each round measures every workload once under every
     /// configuration, in rotated order.
-    #[arg(long, default_value_t = 6)]
+    #[arg(long, default_value_t = 8)]
     rounds: usize,
     /// Multiply every iteration count (e.g. 0.1 for a quick look).
     #[arg(long, default_value_t = 1.0)]
@@ -65,6 +65,12 @@ pub struct BenchArgs {
     /// The detector binary [default: target/release/detector].
     #[arg(long)]
     detector: Option<PathBuf>,
+    /// Don't pin the workload processes to one CPU.
+    #[arg(long)]
+    no_pin: bool,
+    /// Skip the per-program eBPF run-time pass (bpf_stats).
+    #[arg(long)]
+    no_bpf_stats: bool,
     /// Seconds to wait for the detector's /readyz.
     #[arg(long, default_value_t = 180)]
     ready_timeout: u64,
@@ -148,6 +154,22 @@ const CASES: &[Case] = &[
         short: "connect (holder)",
         workload: Workload::Connect,
         iters: 20_000,
+        credential: false,
+        hold: true,
+    },
+    Case {
+        label: "(e) UDP socket+connect+close to 127.0.0.1 (same connect4 program; no handshake, no listener)",
+        short: "udp connect",
+        workload: Workload::Udp,
+        iters: 100_000,
+        credential: false,
+        hold: false,
+    },
+    Case {
+        label: "(e') same, by a credential holder",
+        short: "udp (holder)",
+        workload: Workload::Udp,
+        iters: 100_000,
         credential: false,
         hold: true,
     },
@@ -244,6 +266,8 @@ struct Env {
     listen: SocketAddrV4,
     worker: PathBuf,
     detector: PathBuf,
+    /// CPU the workload processes are pinned to.
+    cpu: Option<usize>,
 }
 
 /// Loopback listener in this process: accepts and drops connections.
@@ -281,10 +305,13 @@ fn run_case(env: &Env, case: &Case, scale: f64) -> Result<f64> {
                 &env.plain
             });
         }
-        Workload::Connect => {
+        Workload::Connect | Workload::Udp => {
             cmd.args(["--addr", &env.listen.to_string()]);
         }
         Workload::Exec => {}
+    }
+    if let Some(cpu) = env.cpu {
+        cmd.args(["--cpu", &cpu.to_string()]);
     }
     if case.hold {
         cmd.arg("--hold").arg(&env.cred);
@@ -454,6 +481,58 @@ fn start(cfg: Config, env: &Env, round: usize, ready_timeout: Duration) -> Resul
     }
 }
 
+/// One more session of each detector configuration with the kernel's
+/// per-program statistics on: what each program costs per run, and how
+/// often it runs per operation of each workload.
+fn bpf_stats_pass(env: &Env, scale: f64, ready_timeout: Duration) -> Result<String> {
+    use crate::bpf_stats;
+    let mut t = String::from(
+        "| Configuration | Workload | BPF ns per op | per program: runs per op × mean ns per run |\n|---|---|---:|---|\n",
+    );
+    for cfg in [Config::Detector, Config::DetectorFanotify] {
+        let session = start(cfg, env, 1000 + cfg as usize, ready_timeout)?;
+        let Session::Detector { guard, .. } = &session else {
+            unreachable!("a detector configuration")
+        };
+        let pid = guard.pid();
+        let on = bpf_stats::enable().context("BPF_ENABLE_STATS")?;
+        for case in CASES {
+            let iters = ((case.iters as f64 * scale).round() as u64).max(1) as f64;
+            let before = bpf_stats::snapshot(pid);
+            let r = run_case(env, case, scale);
+            let after = bpf_stats::snapshot(pid);
+            if let Err(e) = r {
+                finish(session);
+                return Err(e);
+            }
+            let d = bpf_stats::delta(&before, &after);
+            let total: u64 = d.iter().map(|(_, _, ns)| ns).sum();
+            let per = d
+                .iter()
+                .map(|(n, runs, ns)| {
+                    format!(
+                        "`{n}` {:.2} × {:.0}",
+                        *runs as f64 / iters,
+                        *ns as f64 / *runs as f64
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join(", ");
+            let _ = writeln!(
+                t,
+                "| {} | {} | {:.0} | {} |",
+                cfg.name(),
+                case.short,
+                total as f64 / iters,
+                per
+            );
+        }
+        drop(on);
+        finish(session);
+    }
+    Ok(t)
+}
+
 fn sentinel_open(comm: &str) {
     let _ = std::thread::Builder::new()
         .name(comm.to_string())
@@ -586,6 +665,18 @@ fn cmd_out(prog: &str, args: &[&str]) -> String {
         .unwrap_or_else(|| "?".into())
 }
 
+/// Quantile `q` (0..=1, linear interpolation) of the finite values.
+fn quantile(v: &[f64], q: f64) -> f64 {
+    let mut s: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
+    if s.is_empty() {
+        return f64::NAN;
+    }
+    s.sort_by(|a, b| a.total_cmp(b));
+    let pos = q.clamp(0.0, 1.0) * (s.len() - 1) as f64;
+    let (lo, hi) = (pos.floor() as usize, pos.ceil() as usize);
+    s[lo] + (s[hi] - s[lo]) * (pos - lo as f64)
+}
+
 /// Median of the finite values (NaN marks a missing sample).
 fn median(v: &[f64]) -> f64 {
     let mut s: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
@@ -660,6 +751,16 @@ pub fn bench(args: BenchArgs) -> Result<ExitCode> {
         kubelet,
         listen: start_listener()?,
         worker: std::env::current_exe().context("current_exe")?,
+        // The last CPU: the workload always runs on the same one, the
+        // daemon (and everything else) wherever the scheduler puts it.
+        cpu: (!args.no_pin)
+            .then(|| {
+                std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(1)
+            })
+            .filter(|n| *n >= 2)
+            .map(|n| n - 1),
         // A private copy: others may rebuild target/release/detector while
         // the bench runs; every round must start the same binary.
         detector: {
@@ -755,6 +856,17 @@ pub fn bench(args: BenchArgs) -> Result<ExitCode> {
             );
         }
     }
+    let bpf_table = if args.no_bpf_stats {
+        "(skipped: `--no-bpf-stats`)".to_string()
+    } else {
+        match bpf_stats_pass(&env, args.scale, ready_timeout) {
+            Ok(t) => {
+                println!("\n{t}");
+                t
+            }
+            Err(e) => format!("(not measured: {e:#})"),
+        }
+    };
     let fanotify_modes = match crate::bench_fanotify::measure(&env.dir, args.scale) {
         Ok(r) => {
             let t = r.markdown();
@@ -773,18 +885,21 @@ pub fn bench(args: BenchArgs) -> Result<ExitCode> {
         .collect();
     // ratio[config][case]: median over rounds of (config / none of the same
     // round), so slow drift of the machine cancels out.
-    let ratio: Vec<Vec<f64>> = Config::ALL
+    let pairs: Vec<Vec<Vec<f64>>> = Config::ALL
         .iter()
         .map(|c| {
             (0..ncases)
                 .map(|i| {
-                    let pairs: Vec<f64> = (0..args.rounds)
+                    (0..args.rounds)
                         .map(|r| samples[*c as usize][i][r] / samples[Config::None as usize][i][r])
-                        .collect();
-                    median(&pairs)
+                        .collect()
                 })
                 .collect()
         })
+        .collect();
+    let ratio: Vec<Vec<f64>> = pairs
+        .iter()
+        .map(|c| c.iter().map(|p| median(p)).collect())
         .collect();
     let mut table = String::new();
     table.push_str(
@@ -799,7 +914,15 @@ pub fn bench(args: BenchArgs) -> Result<ExitCode> {
             if m.is_nan() {
                 "n/a".to_string()
             } else {
-                format!("{} (**{:.2}×**)", fmt_ns(m), ratio[c as usize][i])
+                let p = &pairs[c as usize][i];
+                format!(
+                    "{} (**{:.2}×**; IQR {:.2}–{:.2}, min {:.2})",
+                    fmt_ns(m),
+                    ratio[c as usize][i],
+                    quantile(p, 0.25),
+                    quantile(p, 0.75),
+                    quantile(p, 0.0)
+                )
             }
         };
         let _ = writeln!(
@@ -900,7 +1023,7 @@ Generated by `cargo xtask bench` — do not edit by hand; re-run it instead.
 
 - Date: {started}; {rounds} rounds, total {secs:.0} s
 - Commit: `{commit}`{dirty_note}
-- Kernel {kernel}; {cpu}; {ncpu} CPUs (shared with other work; nothing pinned)
+- Kernel {kernel}; {cpu}; {ncpu} CPUs (shared with other work); {pinning}
 - Load average before / after: {lb} / {la}
 - Other tracers/detectors running during the run (not ours): {others_s}
 - bpftrace: {bt_version}; attachment verified in {bt_verified}/{bt_rounds} rounds
@@ -908,7 +1031,8 @@ Generated by `cargo xtask bench` — do not edit by hand; re-run it instead.
 ## Results
 
 Median time per operation over the rounds; in parentheses the ratio to `none` (1.00× = no overhead),
-computed as the median over rounds of (this configuration / `none` in the same round).
+computed as the median over rounds of (this configuration / `none` in the same round), then the
+interquartile range and the minimum of those per-round ratios (the spread the shared machine adds).
 
 {table}
 {det_cpu_line}
@@ -923,7 +1047,13 @@ computed as the median over rounds of (this configuration / `none` in the same r
   - (c) `socket` + `connect` + `close` to a listener on 127.0.0.1 inside the bench process (the client
     closes with `SO_LINGER` 0, so no TIME_WAIT accumulates); (c') the same from a process that opened
     the credential file once before the loop, i.e. a credential *holder* for the detector;
+  - (e) `socket(SOCK_DGRAM)` + `connect` + `close` to the same address: the same cgroup `connect4`
+    program runs, but no handshake, no softirq and no listener thread, so the program's cost is a far
+    larger share of the time; (e') the same by a credential holder;
   - (d) `fork` + `execve("/bin/true")` + `waitpid`.
+- **Pinning** — every workload process is pinned to the last CPU (`sched_setaffinity`, unless
+  `--no-pin`); the daemon, bpftrace and the bench's loopback listener run wherever the scheduler puts
+  them (on this 2-CPU machine, mostly on the other CPU).
 - **Configurations**:
   - `none` — nothing of ours attached;
   - `detector` (tracepoints) — `target/release/detector run --open-sensor tracepoint --credential-file <file>
@@ -931,7 +1061,10 @@ computed as the median over rounds of (this configuration / `none` in the same r
     intents), measured once `/readyz` answers 200, stopped with SIGTERM after the round's workloads;
   - `detector (fanotify)` (raw samples: `fanotify`) — the same with `--open-sensor fanotify`: no syscall
     tracepoint attached; an open of the credential file waits until the daemon has recorded the opener
-    as a holder and answered;
+    as a holder and answered. The loop (b) re-opens the file from one thread: after the first open
+    (the full path: /proc read, HOLDERS update, event queued), each re-open within
+    `--credential-dedup-ms` (default 1000 ms) by that known holder thread is answered after a poll of
+    its pidfd and counted in the kernel's `CRED_SEEN`, as the tracepoint sensor counts it;
   - `bpftrace` — `bpftrace -e '{bt_prog}'`, measured once it printed `Attaching 1 probe...` plus 0.5 s;
     a sentinel open of the token path from a thread with a unique name must appear in its map at exit,
     else that round's bpftrace samples are discarded.
@@ -960,6 +1093,18 @@ and exits, and is reaped at once (as a shell reaps `$(cat token)`); counted when
 until answered); the price is the round trip on every open of a credential file.
 
 {fanotify_modes}
+
+## Run time of the detector's eBPF programs (bpf_stats)
+
+A separate pass after the rounds (statistics on cost a little themselves): one more session per detector
+configuration with `BPF_ENABLE_STATS` on, each workload run once, and the kernel's `run_time_ns` /
+`run_cnt` of each of the daemon's programs read before and after. "BPF ns per op" is the programs' total
+run time divided by the workload's iterations; runs per op above 1 (or programs that the workload does not
+trigger) are other processes on the shared machine running the same hooks meanwhile. Program names are
+the kernel's (cut at 15 bytes; `raw_tp/` marks a raw tracepoint). The time a syscall tracepoint costs
+outside the program (the syscall slow path taken by every syscall of every task) is not in these numbers.
+
+{bpf_table}
 
 ## Detector metrics at the end of its last session
 
@@ -991,6 +1136,11 @@ until answered); the price is the round trip on every open of a credential file.
             .collect::<Vec<_>>()
             .join(" "),
         bt_prog = bpftrace_program(),
+        pinning = match env.cpu {
+            Some(c) =>
+                format!("workload processes pinned to CPU {c}, the daemon and bpftrace not pinned"),
+            None => "nothing pinned".to_string(),
+        },
         det_cpu_line = det_cpu_line,
         metrics = if last_metrics.is_empty() {
             "(none scraped)".to_string()
@@ -1010,6 +1160,7 @@ until answered); the price is the round trip on every open of a credential file.
         },
         notes = notes.join("\n"),
         fanotify_modes = fanotify_modes,
+        bpf_table = bpf_table,
     );
 
     let out = args.out.as_deref();

@@ -16,6 +16,7 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod bench_correlate;
 mod bench_fanotify;
+mod bpf_stats;
 mod demo;
 mod setup;
 mod worker;

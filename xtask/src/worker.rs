@@ -16,6 +16,10 @@ pub enum Workload {
     Open,
     /// socket + connect + close (RST via SO_LINGER 0) to --addr.
     Connect,
+    /// UDP socket + connect + close to --addr: the same cgroup connect4
+    /// program runs, but no handshake and no listener thread take part,
+    /// so the program's share of the time is far larger.
+    Udp,
     /// fork + execve(/bin/true) + waitpid.
     Exec,
 }
@@ -36,6 +40,26 @@ pub struct WorkerArgs {
     /// credential holder).
     #[arg(long)]
     pub hold: Option<PathBuf>,
+    /// Pin this worker to one CPU (the bench's daemon may run anywhere).
+    #[arg(long)]
+    pub cpu: Option<usize>,
+}
+
+/// sched_setaffinity(0, {cpu}).
+fn pin(cpu: usize) -> Result<()> {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET bounds-checks
+    // against the set size.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            bail!(
+                "sched_setaffinity(cpu {cpu}): {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+    Ok(())
 }
 
 fn cstring(p: &std::path::Path) -> Result<CString> {
@@ -50,6 +74,27 @@ fn open_close(path: &CString) -> Result<()> {
             bail!("open {:?}: {}", path, std::io::Error::last_os_error());
         }
         libc::close(fd);
+    }
+    Ok(())
+}
+
+fn udp_connect_close(addr: &libc::sockaddr_in) -> Result<()> {
+    // SAFETY: plain socket calls on an fd we own; addr is a valid sockaddr_in.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            bail!("socket: {}", std::io::Error::last_os_error());
+        }
+        let r = libc::connect(
+            fd,
+            addr as *const _ as *const libc::sockaddr,
+            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        );
+        let err = std::io::Error::last_os_error();
+        libc::close(fd);
+        if r != 0 {
+            bail!("connect (udp): {err}");
+        }
     }
     Ok(())
 }
@@ -117,6 +162,9 @@ fn fork_exec(a: &ExecArgs) -> Result<()> {
 }
 
 pub fn worker(args: WorkerArgs) -> Result<ExitCode> {
+    if let Some(cpu) = args.cpu {
+        pin(cpu)?;
+    }
     if let Some(h) = &args.hold {
         open_close(&cstring(h)?)?;
     }
@@ -126,7 +174,7 @@ pub fn worker(args: WorkerArgs) -> Result<ExitCode> {
             let p = cstring(args.path.as_deref().context("--path is required")?)?;
             time_loop(warmup, args.iters, || open_close(&p))?
         }
-        Workload::Connect => {
+        Workload::Connect | Workload::Udp => {
             let a = args.addr.context("--addr is required")?;
             let sa = libc::sockaddr_in {
                 sin_family: libc::AF_INET as libc::sa_family_t,
@@ -136,7 +184,11 @@ pub fn worker(args: WorkerArgs) -> Result<ExitCode> {
                 },
                 sin_zero: [0; 8],
             };
-            time_loop(warmup, args.iters, || connect_close(&sa))?
+            if args.workload == Workload::Udp {
+                time_loop(warmup, args.iters, || udp_connect_close(&sa))?
+            } else {
+                time_loop(warmup, args.iters, || connect_close(&sa))?
+            }
         }
         Workload::Exec => {
             let path = CString::new("/bin/true").expect("no NUL");

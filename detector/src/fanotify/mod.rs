@@ -11,7 +11,11 @@
 //! in the same cgroup, as the kernel sensor does) into the kernel's
 //! `HOLDERS` map *before* answering. Its very next connect is therefore
 //! judged as a holder's by the cgroup programs: blocking stays race-free.
-//! We always answer `FAN_ALLOW`. A `FAN_CLASS_NOTIF` + `FAN_OPEN` group
+//! We always answer `FAN_ALLOW`. Re-opens within `--credential-dedup-ms`
+//! are folded into the kernel's `CRED_SEEN` like the open tracepoints fold
+//! them (the report carries `repeats`, the exit what is left), and a known
+//! holder thread's re-open is answered without reading /proc again
+//! (`Responder::repeat_of_known_holder`). A `FAN_CLASS_NOTIF` + `FAN_OPEN` group
 //! would not make the opener wait, but the opener's connect can then run
 //! before we have seen the open (and it may be gone by the time we look):
 //! see docs/BENCHMARKS.md for both measured.
@@ -72,7 +76,9 @@ use std::{
 };
 
 use aya::maps::{HashMap, IterableMap, Map, MapData};
-use detector_common::{kernel_dev_from_user, CredentialInfo, CredentialKey, Holder};
+use detector_common::{
+    kernel_dev_from_user, CredSeen, CredSeenKey, CredentialInfo, CredentialKey, Holder,
+};
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntGaugeVec, Opts, Registry};
 use tracing::{debug, error, info, warn};
 
@@ -96,7 +102,7 @@ const BPF_NOEXIST: u64 = 1;
 pub enum Error {
     #[error("fanotify permission events are unavailable: {0} (needs CONFIG_FANOTIFY_ACCESS_PERMISSIONS and CAP_SYS_ADMIN)")]
     Unavailable(io::Error),
-    #[error("cannot use the kernel's HOLDERS map: {0}")]
+    #[error("cannot use the kernel's HOLDERS or CRED_SEEN map: {0}")]
     Holders(String),
     #[error("cannot start the fanotify responder: {0}")]
     Start(io::Error),
@@ -112,6 +118,9 @@ pub struct Config {
     /// Longest the responder may spend on one event before the watchdog
     /// answers it.
     pub watchdog: Duration,
+    /// `--credential-dedup-ms`: a process's re-opens of a credential within
+    /// it are counted, not reported one by one (zero: every open reported).
+    pub dedup: Duration,
 }
 
 impl Config {
@@ -120,6 +129,7 @@ impl Config {
             cgroup_root: cgroup_root.to_path_buf(),
             queue: 8192,
             watchdog: Duration::from_secs(1),
+            dedup: Duration::ZERO,
         }
     }
 }
@@ -296,11 +306,13 @@ impl FanotifySensor {
     pub fn start(
         group: Group,
         holders: &HashMap<MapData, u32, Holder>,
+        cred_seen: &HashMap<MapData, CredSeenKey, CredSeen>,
         cfg: Config,
         registry: &Registry,
         lost: IntCounter,
     ) -> Result<FanotifySensor, Error> {
-        let holders = clone_holders(holders)?;
+        let holders = clone_map(holders.map(), Map::LruHashMap)?;
+        let cred_seen = clone_map(cred_seen.map(), Map::LruHashMap)?;
         let proc = opener::ProcReader::new(&cfg.cgroup_root).map_err(Error::Start)?;
         let wake = sys::eventfd().map_err(Error::Start)?;
         let stats = Stats::new(registry, lost).map_err(|e| Error::Start(io::Error::other(e)))?;
@@ -311,6 +323,9 @@ impl FanotifySensor {
             shared: shared.clone(),
             fan,
             holders,
+            cred_seen,
+            dedup_ns: u64::try_from(cfg.dedup.as_nanos()).unwrap_or(u64::MAX),
+            known: StdHashMap::new(),
             proc,
             tx,
             own_tgid: std::process::id(),
@@ -576,20 +591,20 @@ fn key_of(path: &Path) -> Option<(u64, u64)> {
     std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
 }
 
-/// A handle of our own on the kernel's HOLDERS map (a duplicated fd), for
-/// the responder thread.
-fn clone_holders(
-    holders: &HashMap<MapData, u32, Holder>,
-) -> Result<HashMap<MapData, u32, Holder>, Error> {
+/// A handle of our own on a kernel map (a duplicated fd), for the
+/// responder thread.
+fn clone_map<K: aya::Pod, V: aya::Pod>(
+    map: &MapData,
+    kind: fn(MapData) -> Map,
+) -> Result<HashMap<MapData, K, V>, Error> {
     use std::os::fd::AsFd;
-    let fd = holders
-        .map()
+    let fd = map
         .fd()
         .as_fd()
         .try_clone_to_owned()
         .map_err(|e| Error::Holders(e.to_string()))?;
     let data = MapData::from_fd(fd).map_err(|e| Error::Holders(e.to_string()))?;
-    HashMap::try_from(Map::LruHashMap(data)).map_err(|e| Error::Holders(e.to_string()))
+    HashMap::try_from(kind(data)).map_err(|e| Error::Holders(e.to_string()))
 }
 
 /// Boot-time clock in ns (what `bpf_ktime_get_boot_ns` and events use).
@@ -672,11 +687,60 @@ fn watchdog(shared: Arc<Shared>, limit: Duration) {
     }
 }
 
+/// A thread that opened a credential and was reported: enough to know it
+/// again on its next open without reading /proc in full.
+#[derive(Debug)]
+struct KnownThread {
+    tgid: u32,
+    ppid: u32,
+    /// `starttime` of /proc/<tgid>/task/<tid>/stat: with the path, it
+    /// tells a reused thread id from the thread we saw.
+    start: u64,
+    /// A pidfd of the thread (`PIDFD_THREAD`): while it does not poll
+    /// readable, the thread lives, so its id names it and no other.
+    /// `None` where the kernel has no thread pidfds (before 6.9).
+    pidfd: Option<OwnedFd>,
+}
+
+/// Threads remembered at most (then forgotten all at once: a cache; each
+/// holds a descriptor).
+const KNOWN_THREADS: usize = 512;
+
+/// pidfd_open(2) flag: a pidfd of one thread, readable when it exits.
+const PIDFD_THREAD: libc::c_uint = libc::O_EXCL as libc::c_uint;
+
+fn thread_pidfd(tid: u32) -> Option<OwnedFd> {
+    // SAFETY: plain syscall; a non-negative result is a new descriptor.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, tid as libc::pid_t, PIDFD_THREAD) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: fresh descriptor we own.
+    Some(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as RawFd) })
+}
+
+/// Has the thread of `pidfd` exited (or can we not tell)?
+fn thread_gone(pidfd: &OwnedFd) -> bool {
+    let mut p = libc::pollfd {
+        fd: pidfd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd; zero timeout.
+    let n = unsafe { libc::poll(&mut p, 1, 0) };
+    n != 0
+}
+
 /// The responder thread's state.
 struct Responder {
     shared: Arc<Shared>,
     fan: RawFd,
     holders: HashMap<MapData, u32, Holder>,
+    /// The kernel's CRED_SEEN: re-opens within `dedup_ns` are counted
+    /// there, and a process's exit carries what is still unreported.
+    cred_seen: HashMap<MapData, CredSeenKey, CredSeen>,
+    dedup_ns: u64,
+    known: StdHashMap<u32, KnownThread>,
     proc: opener::ProcReader,
     tx: std::sync::mpsc::SyncSender<CredentialAccess>,
     own_tgid: u32,
@@ -777,6 +841,9 @@ impl Responder {
         };
         let now = boottime_ns();
         let tid = ev.tid as u32;
+        if self.repeat_of_known_holder(tid, id, now) {
+            return; // counted; `pending` answers on drop
+        }
         let o = match self.proc.opener(tid) {
             Ok(o) => o,
             Err(e) => {
@@ -792,6 +859,13 @@ impl Responder {
             self.make_holders(&o, id, now);
         }
         self.shared.stats.credential_opens.inc();
+        if o.access.readable {
+            self.remember(tid, &o);
+        }
+        // Like the open tracepoints: within the window, count, don't report.
+        let Some(repeats) = self.fold(o.status.tgid, id, now) else {
+            return;
+        };
         let ev = CredentialAccess {
             common: Common {
                 time_ns: now,
@@ -811,8 +885,7 @@ impl Responder {
             fd: -1,
             readable: o.access.readable,
             writable: o.access.writable,
-            // Every open is answered, and reported, one by one.
-            repeats: 0,
+            repeats,
         };
         // Queued before the answer: whatever the opener does next (exec,
         // connect) reaches the kernel's rings after this open is in the
@@ -823,6 +896,131 @@ impl Responder {
             Err(std::sync::mpsc::TrySendError::Disconnected(_)) => {}
         }
         pending.answer();
+    }
+
+    /// `CRED_SEEN` as the kernel's `on_fd_returned` keeps it: `None` when
+    /// this open falls in the window of the process's last report (counted
+    /// there), else the count of opens the report stands for besides
+    /// itself. Only this thread writes the map while the open tracepoints
+    /// are not attached (the kernel's exit program only removes).
+    fn fold(&mut self, tgid: u32, id: u32, now: u64) -> Option<u32> {
+        if self.dedup_ns == 0 {
+            return Some(0);
+        }
+        let key = CredSeenKey {
+            tgid,
+            credential_id: id,
+        };
+        let mut repeats = 0;
+        if let Ok(mut seen) = self.cred_seen.get(&key, 0) {
+            if now.wrapping_sub(seen.last_report_ns) < self.dedup_ns {
+                seen.suppressed = seen.suppressed.saturating_add(1);
+                if self.cred_seen.insert(key, seen, 0).is_ok() {
+                    return None;
+                }
+                // Could not count it: report it instead.
+                return Some(0);
+            }
+            repeats = seen.suppressed;
+        }
+        let fresh = CredSeen {
+            last_report_ns: now,
+            suppressed: 0,
+            _pad: 0,
+        };
+        if let Err(e) = self.cred_seen.insert(key, fresh, 0) {
+            debug!(tgid, error = %e, "CRED_SEEN update");
+        }
+        Some(repeats)
+    }
+
+    /// The fast path of a re-open (client-go re-reads its token, a loop
+    /// reads it again): the thread is one we saw, its process is still the
+    /// kernel's holder of this credential and the open falls in the window
+    /// of its last report. Then the open is only counted (as the kernel
+    /// counts a re-open it aggregates) and answered after a poll of the
+    /// thread's pidfd (or one /proc read) instead of four /proc reads. Its
+    /// holder state is already in the kernel map, so the answer still comes
+    /// after HOLDERS says "holder". Any doubt (a reused thread id, the
+    /// window over, another credential) takes the full path. Unlike the
+    /// full path it does not look at the parent again: a reader reparented
+    /// to a process of its cgroup makes that one a holder at its next
+    /// reported open, at most one window later.
+    fn repeat_of_known_holder(&mut self, tid: u32, id: u32, now: u64) -> bool {
+        if self.dedup_ns == 0 {
+            return false;
+        }
+        let Some(k) = self.known.get(&tid) else {
+            return false;
+        };
+        let (tgid, ppid, start) = (k.tgid, k.ppid, k.start);
+        let same = match &k.pidfd {
+            Some(fd) => !thread_gone(fd),
+            None => false,
+        };
+        let key = CredSeenKey {
+            tgid,
+            credential_id: id,
+        };
+        let Ok(mut seen) = self.cred_seen.get(&key, 0) else {
+            return false;
+        };
+        if now.wrapping_sub(seen.last_report_ns) >= self.dedup_ns {
+            return false;
+        }
+        if !self
+            .holders
+            .get(&tgid, 0)
+            .is_ok_and(|h| h.credential_id == id)
+        {
+            return false;
+        }
+        // A live thread's id is its own. Without a pidfd, the path names
+        // the thread group (a thread id reused by another process does not
+        // resolve) and the start time the thread.
+        let same = same
+            || matches!(self.thread_stat(tgid, tid), Some((p, st)) if p == ppid && st == start);
+        if !same {
+            self.known.remove(&tid);
+            return false;
+        }
+        seen.suppressed = seen.suppressed.saturating_add(1);
+        if self.cred_seen.insert(key, seen, 0).is_err() {
+            return false;
+        }
+        self.shared.stats.credential_opens.inc();
+        true
+    }
+
+    /// (ppid, starttime) of the thread `tid` of process `tgid`.
+    fn thread_stat(&mut self, tgid: u32, tid: u32) -> Option<(u32, u64)> {
+        let text = self.proc.read(tgid, &format!("task/{tid}/stat")).ok()?;
+        opener::parse_stat_ppid_start(&text)
+    }
+
+    /// Remember a reported reader's thread for `repeat_of_known_holder`.
+    fn remember(&mut self, tid: u32, o: &opener::Opener) {
+        if self.dedup_ns == 0 {
+            return;
+        }
+        let Some((ppid, start)) = self.thread_stat(o.status.tgid, tid) else {
+            return;
+        };
+        if ppid != o.status.ppid {
+            return; // reparented while we looked: don't cache
+        }
+        if self.known.len() >= KNOWN_THREADS {
+            self.known.clear();
+        }
+        self.known.insert(
+            tid,
+            KnownThread {
+                tgid: o.status.tgid,
+                ppid,
+                start,
+                pidfd: thread_pidfd(tid),
+            },
+        );
     }
 
     /// An inode we do not know on a credential volume's filesystem: a

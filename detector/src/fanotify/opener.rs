@@ -65,6 +65,17 @@ pub fn parse_status(text: &str) -> Option<Status> {
     None
 }
 
+/// (ppid, starttime) of a `/proc/<pid>/stat` line. The name in parentheses
+/// may hold anything, so fields are counted after its last `)`.
+pub fn parse_stat_ppid_start(text: &str) -> Option<(u32, u64)> {
+    let rest = &text[text.rfind(')')? + 1..];
+    let mut f = rest.split_whitespace();
+    // After the name: state (field 3), ppid (4), …, starttime (22).
+    let ppid = f.nth(1)?.parse().ok()?;
+    let start = f.nth(17)?.parse().ok()?;
+    Some((ppid, start))
+}
+
 /// The cgroup-v2 path (`0::/…` line) of `/proc/<pid>/cgroup`.
 pub fn parse_cgroup_v2(text: &str) -> Option<&str> {
     text.lines().find_map(|l| l.strip_prefix("0::"))
@@ -368,6 +379,20 @@ mod tests {
         );
         assert_eq!(parse_status("Name:\tx\nTgid:\t1\n"), None, "incomplete");
         assert_eq!(parse_status("Name:\tx\nTgid:\tabc\nPPid:\t1\n"), None);
+    }
+
+    #[test]
+    fn stat_ppid_and_start_time() {
+        let line =
+            "4243 (a) b) c) S 17 4242 4242 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 2 0 98765 1000 10";
+        assert_eq!(parse_stat_ppid_start(line), Some((17, 98765)));
+        assert_eq!(parse_stat_ppid_start("1 (x) S 0"), None, "short");
+        // Our own, against status.
+        let me = std::process::id();
+        let text = std::fs::read_to_string(format!("/proc/{me}/task/{me}/stat")).unwrap();
+        let (ppid, start) = parse_stat_ppid_start(&text).unwrap();
+        assert_eq!(ppid, std::os::unix::process::parent_id());
+        assert!(start > 0);
     }
 
     #[test]
