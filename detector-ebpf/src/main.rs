@@ -333,11 +333,13 @@ fn on_fd_returned(ctx: &TracePointContext, route: AccessRoute) -> u32 {
         let _ = HOLDERS.insert(&hdr.tgid, &holder, 0);
         taint_parent(&off, &hdr, &holder);
     }
-    // Aggregate re-opens by the same process (client-go's periodic re-read,
-    // or a flood) into one report per window; the count stays exact.
+    // Aggregate re-reads by the same process (client-go's periodic re-read,
+    // or a flood) into one report per window; the count stays exact. Only
+    // reads: a read must never be folded into a write-only open's report
+    // (kubelet's, or an evader's), which is not judged as a read.
     let mut repeats = 0;
     let window = config().cred_dedup_ns;
-    if window != 0 {
+    if window != 0 && f_mode & FMODE_READ != 0 {
         let key = CredSeenKey {
             tgid: hdr.tgid,
             credential_id: info.id,

@@ -517,3 +517,55 @@ fn an_open_then_exec_is_reported_as_the_opener() {
         "an open was attributed to the program its opener exec'd next: {mine:#?}"
     );
 }
+
+/// A write-only open of a pod's token and then a read by the same process,
+/// within the re-read aggregation window: the read must still be reported
+/// (as a foreign read), never folded into the write's report, which is
+/// not judged as a read. Both sensors aggregate re-reads.
+fn a_write_open_does_not_hide_a_following_read(sensor: &str) {
+    require_root();
+    let kubelet = Tmpfs::new("invd-wr");
+    let uid = new_pod_uid();
+    let vol = kubelet
+        .dir
+        .join("pods")
+        .join(&uid)
+        .join("volumes/kubernetes.io~projected/kube-api-access-wr9x1");
+    std::fs::create_dir_all(&vol).unwrap();
+    let _vol_mount = TmpfsOn::mount(&vol);
+    kubelet_atomic_write(
+        &vol,
+        &[("token", "t"), ("ca.crt", "ca"), ("namespace", "default")],
+    );
+    let kdir = kubelet.dir.display().to_string();
+    let d = Daemon::start(&[
+        "--open-sensor",
+        sensor,
+        "--kubelet-dir",
+        &kdir,
+        "--credential-dedup-ms",
+        "60000",
+    ])
+    .expect("daemon");
+    let host = detector_tests::TestCgroup::new("invd-wr");
+    // One shell process: fd 3 write-only, then fd 4 for reading.
+    let out = host.sh(&format!(
+        "exec 3>>{0}; exec 4<{0}; exit 0",
+        vol.join("token").display()
+    ));
+    assert!(out.status.success(), "{out:?}");
+    let f = d.wait_findings(Duration::from_secs(10), |f| {
+        f["kind"] == "foreign_credential" && f["workload"]["cgroup_id"] == host.id
+    });
+    assert_eq!(f[0]["credential"]["owner_pod_uid"], uid.as_str(), "{f:#?}");
+}
+
+#[test]
+fn a_write_open_does_not_hide_a_following_read_fanotify() {
+    a_write_open_does_not_hide_a_following_read("fanotify");
+}
+
+#[test]
+fn a_write_open_does_not_hide_a_following_read_tracepoint() {
+    a_write_open_does_not_hide_a_following_read("tracepoint");
+}

@@ -862,9 +862,16 @@ impl Responder {
         if o.access.readable {
             self.remember(tid, &o);
         }
-        // Like the open tracepoints: within the window, count, don't report.
-        let Some(repeats) = self.fold(o.status.tgid, id, now) else {
-            return;
+        // Like the open tracepoints: within the window, count re-reads,
+        // don't report them. A write-only open is always reported and never
+        // starts a window a read could be folded into.
+        let repeats = if o.access.readable {
+            match self.fold(o.status.tgid, id, now) {
+                Some(r) => r,
+                None => return,
+            }
+        } else {
+            0
         };
         let ev = CredentialAccess {
             common: Common {
