@@ -823,6 +823,10 @@ fn latency(a: &Args, bin: &Path, scale: f64) -> Result<Latency> {
                     kubelet.display().to_string(),
                     "--aggregate-window".into(),
                     "0s".into(),
+                    // Every read is to be a finding: no folding of re-reads
+                    // within the default window (half would time out).
+                    "--credential-dedup-ms".into(),
+                    "0".into(),
                 ];
                 let d = start_daemon(
                     bin,
@@ -1693,7 +1697,7 @@ fn render(a: &Args, bin: &Path, scale: f64, svg_name: &str) -> (String, Option<S
                 "Method: intent `cgroupPath` = a fresh cgroup under the cgroup-v2 root, `readers: [/nonexistent]`, \
                  one allowed destination (127.0.0.1, the second listener's port), `action: block`; daemon: \
                  `detector run --credential-file F --policy <dir> --alerts <file> --metrics-addr 127.0.0.1:<port> \
-                 --kubelet-dir <empty dir> --aggregate-window 0s`, measured once `/readyz` answers and a holder's \
+                 --kubelet-dir <empty dir> --aggregate-window 0s --credential-dedup-ms 0`, measured once `/readyz` answers and a holder's \
                  connect gets EPERM. Workers (`xtask bench-correlate-worker`, fresh processes that move \
                  themselves into the cgroup): reads — open+read+close of F, then poll the alerts file's size \
                  every 20 µs (bounded 2 s), a pseudo-random 2-12 ms between reads; connects — `socket`, timed `connect`, `close` \
