@@ -344,6 +344,53 @@ fn rotation(sensor: &str, strict_gap: bool) {
     );
 }
 
+/// One pod's projected service-account volume in a kubelet directory on
+/// tmpfs, the volume on a tmpfs of its own (as kubelet mounts it).
+struct PodVolume {
+    // Dropped first: unmounted before the kubelet directory goes.
+    _mount: TmpfsOn,
+    kubelet: Tmpfs,
+    uid: String,
+    vol: std::path::PathBuf,
+}
+
+impl PodVolume {
+    fn new(name: &str, volume: &str) -> PodVolume {
+        let kubelet = Tmpfs::new(name);
+        let uid = new_pod_uid();
+        let vol = kubelet
+            .dir
+            .join("pods")
+            .join(&uid)
+            .join("volumes/kubernetes.io~projected")
+            .join(volume);
+        std::fs::create_dir_all(&vol).unwrap();
+        let _mount = TmpfsOn::mount(&vol);
+        PodVolume {
+            _mount,
+            kubelet,
+            uid,
+            vol,
+        }
+    }
+
+    /// kubelet's atomic write of a token (with ca.crt and namespace).
+    fn write(&self, token: &str) {
+        kubelet_atomic_write(
+            &self.vol,
+            &[("token", token), ("ca.crt", "ca"), ("namespace", "default")],
+        );
+    }
+
+    fn kubelet_dir(&self) -> String {
+        self.kubelet.dir.display().to_string()
+    }
+
+    fn token(&self) -> std::path::PathBuf {
+        self.vol.join("token")
+    }
+}
+
 /// kubelet's creating writes of a rotated token are writes, even while
 /// other processes open the same volume's token at full speed. (Each
 /// answer to a fanotify opener briefly wakes every other waiting opener;
@@ -352,32 +399,14 @@ fn rotation(sensor: &str, strict_gap: bool) {
 #[test]
 fn kubelet_writes_racing_reads_are_not_reads() {
     require_root();
-    let kubelet = Tmpfs::new("invd-writes");
-    let uid = new_pod_uid();
-    let pod_dir = kubelet.dir.join("pods").join(&uid);
-    let vol = pod_dir.join("volumes/kubernetes.io~projected/kube-api-access-w7q2z");
-    std::fs::create_dir_all(&vol).unwrap();
-    let _vol_mount = TmpfsOn::mount(&vol);
-    let sa = |t: &str| {
-        [
-            ("token", t.to_string()),
-            ("ca.crt", "ca".to_string()),
-            ("namespace", "default".to_string()),
-        ]
-    };
-    let files = |v: &[(&'static str, String); 3]| -> Vec<(&'static str, String)> { v.to_vec() };
-    let write = |t: &str| {
-        let f = files(&sa(t));
-        let refs: Vec<(&str, &str)> = f.iter().map(|(n, c)| (*n, c.as_str())).collect();
-        kubelet_atomic_write(&vol, &refs)
-    };
-    write("token-0");
-    let kdir = kubelet.dir.display().to_string();
+    let pv = PodVolume::new("invd-writes", "kube-api-access-w7q2z");
+    pv.write("token-0");
+    let kdir = pv.kubelet_dir();
     let d = Daemon::start(&["--open-sensor", "fanotify", "--kubelet-dir", &kdir]).expect("daemon");
 
     // Readers on another cgroup: a bounded loop of opens of the token.
     let readers = detector_tests::TestCgroup::new("invd-readers");
-    let token = vol.join("token");
+    let token = pv.token();
     let mut loops: Vec<std::process::Child> = (0..2)
         .map(|_| {
             readers
@@ -396,7 +425,7 @@ fn kubelet_writes_racing_reads_are_not_reads() {
     let mut rotations = 0;
     while rotations < 60 && loops.iter_mut().any(|c| c.try_wait().unwrap().is_none()) {
         rotations += 1;
-        write(&format!("token-{rotations}"));
+        pv.write(&format!("token-{rotations}"));
         std::thread::sleep(Duration::from_millis(10));
     }
     for c in &mut loops {
@@ -459,20 +488,9 @@ fn kubelet_writes_racing_reads_are_not_reads() {
 #[test]
 fn an_open_then_exec_is_reported_as_the_opener() {
     require_root();
-    let kubelet = Tmpfs::new("invd-order");
-    let uid = new_pod_uid();
-    let vol = kubelet
-        .dir
-        .join("pods")
-        .join(&uid)
-        .join("volumes/kubernetes.io~projected/kube-api-access-o5d3r");
-    std::fs::create_dir_all(&vol).unwrap();
-    let _vol_mount = TmpfsOn::mount(&vol);
-    kubelet_atomic_write(
-        &vol,
-        &[("token", "t"), ("ca.crt", "ca"), ("namespace", "default")],
-    );
-    let kdir = kubelet.dir.display().to_string();
+    let pv = PodVolume::new("invd-order", "kube-api-access-o5d3r");
+    pv.write("t");
+    let kdir = pv.kubelet_dir();
     let d = Daemon::start(&[
         "--open-sensor",
         "fanotify",
@@ -485,7 +503,7 @@ fn an_open_then_exec_is_reported_as_the_opener() {
 
     // Host processes (foreign to the pod), each: open, then exec at once.
     let host = detector_tests::TestCgroup::new("invd-order");
-    let token = vol.join("token");
+    let token = pv.token();
     let n = 40;
     let out = host.sh(&format!(
         "i=0; while [ $i -lt {n} ]; do /bin/sh -c 'exec 3<{}; exec /bin/true'; i=$((i+1)); done",
@@ -524,20 +542,9 @@ fn an_open_then_exec_is_reported_as_the_opener() {
 /// not judged as a read. Both sensors aggregate re-reads.
 fn a_write_open_does_not_hide_a_following_read(sensor: &str) {
     require_root();
-    let kubelet = Tmpfs::new("invd-wr");
-    let uid = new_pod_uid();
-    let vol = kubelet
-        .dir
-        .join("pods")
-        .join(&uid)
-        .join("volumes/kubernetes.io~projected/kube-api-access-wr9x1");
-    std::fs::create_dir_all(&vol).unwrap();
-    let _vol_mount = TmpfsOn::mount(&vol);
-    kubelet_atomic_write(
-        &vol,
-        &[("token", "t"), ("ca.crt", "ca"), ("namespace", "default")],
-    );
-    let kdir = kubelet.dir.display().to_string();
+    let pv = PodVolume::new("invd-wr", "kube-api-access-wr9x1");
+    pv.write("t");
+    let kdir = pv.kubelet_dir();
     let d = Daemon::start(&[
         "--open-sensor",
         sensor,
@@ -551,13 +558,17 @@ fn a_write_open_does_not_hide_a_following_read(sensor: &str) {
     // One shell process: fd 3 write-only, then fd 4 for reading.
     let out = host.sh(&format!(
         "exec 3>>{0}; exec 4<{0}; exit 0",
-        vol.join("token").display()
+        pv.token().display()
     ));
     assert!(out.status.success(), "{out:?}");
     let f = d.wait_findings(Duration::from_secs(10), |f| {
         f["kind"] == "foreign_credential" && f["workload"]["cgroup_id"] == host.id
     });
-    assert_eq!(f[0]["credential"]["owner_pod_uid"], uid.as_str(), "{f:#?}");
+    assert_eq!(
+        f[0]["credential"]["owner_pod_uid"],
+        pv.uid.as_str(),
+        "{f:#?}"
+    );
 }
 
 #[test]
