@@ -519,6 +519,10 @@ impl Pipeline {
     }
 }
 
+/// The longest a restart over pinned maps holds the kernel's events back
+/// while its inventory loads (10,000 credentials load in about a second).
+const ADOPTED_RING_HOLD: Duration = Duration::from_secs(10);
+
 pub async fn run(settings: RunSettings) -> Result<()> {
     let metrics = Metrics::new()?;
     let readiness = Arc::new(Readiness::default());
@@ -681,20 +685,31 @@ pub async fn run(settings: RunSettings) -> Result<()> {
     let mut poll = tokio::time::interval(Duration::from_millis(10));
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut stats = tokio::time::interval(Duration::from_secs(2));
+    // Over adopted maps the kernel already knows the credentials, and the
+    // rings hold what happened while no daemon ran. Judged before the
+    // inventory names those credentials, such a read would lack its owner
+    // pod and path: hold the rings until the inventory's first sync
+    // (bounded, so a slow inventory cannot blind us).
+    let mut holding_rings = sensors.adopted;
+    let hold_deadline = tokio::time::Instant::now() + ADOPTED_RING_HOLD;
     loop {
         tokio::select! {
             biased;
-            guard = alerts.readable_mut() => {
+            _ = tokio::time::sleep_until(hold_deadline), if holding_rings => {
+                warn!(waited = ?ADOPTED_RING_HOLD, "inventory not loaded yet: reading the kernel's held events without it");
+                holding_rings = false;
+            }
+            guard = alerts.readable_mut(), if !holding_rings => {
                 let mut guard = guard?;
                 drain(guard.get_inner_mut(), ring.get_mut(), open_sensor.as_mut(), &mut pipeline, &mut sensors, false);
                 guard.clear_ready();
             }
-            guard = ring.readable_mut() => {
+            guard = ring.readable_mut(), if !holding_rings => {
                 let mut guard = guard?;
                 drain(alerts.get_mut(), guard.get_inner_mut(), open_sensor.as_mut(), &mut pipeline, &mut sensors, false);
                 guard.clear_ready();
             }
-            _ = poll.tick() => {
+            _ = poll.tick(), if !holding_rings => {
                 drain(alerts.get_mut(), ring.get_mut(), open_sensor.as_mut(), &mut pipeline, &mut sensors, false);
             }
             Some(update) = inventory.recv() => {
@@ -705,6 +720,9 @@ pub async fn run(settings: RunSettings) -> Result<()> {
                 let synced = pipeline.apply_inventory(&mut sensors, update);
                 if let (Some(s), Some(u)) = (open_sensor.as_mut(), for_fanotify) {
                     s.apply_inventory(&u, &mut pipeline.credentials, &mut sensors.maps.credentials);
+                }
+                if synced {
+                    holding_rings = false;
                 }
                 if synced && !readiness.inventory.swap(true, Ordering::AcqRel) {
                     info!(credentials = pipeline.credentials.len(), "inventory loaded; ready");

@@ -324,6 +324,22 @@ impl Daemon {
         }
     }
 
+    /// The last decoded events and findings, for a failure message.
+    pub fn tails(&self) -> String {
+        let tail = |p: &Path| {
+            let s = std::fs::read_to_string(p).unwrap_or_default();
+            let lines: Vec<&str> = s.lines().collect();
+            lines[lines.len().saturating_sub(40)..].join("\n")
+        };
+        format!(
+            "last events ({}):\n{}\nlast findings ({}):\n{}",
+            self.events_path.display(),
+            tail(&self.events_path),
+            self.alerts_path.display(),
+            tail(&self.alerts_path)
+        )
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
@@ -344,8 +360,9 @@ impl Daemon {
         })
         .unwrap_or_else(|| {
             panic!(
-                "no matching event within {timeout:?}; daemon log:\n{}",
-                self.log()
+                "no matching event within {timeout:?}; daemon log:\n{}\n{}",
+                self.log(),
+                self.tails()
             )
         })
     }
@@ -357,8 +374,9 @@ impl Daemon {
         })
         .unwrap_or_else(|| {
             panic!(
-                "no matching finding within {timeout:?}; daemon log:\n{}",
-                self.log()
+                "no matching finding within {timeout:?}; daemon log:\n{}\n{}",
+                self.log(),
+                self.tails()
             )
         })
     }

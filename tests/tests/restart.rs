@@ -84,6 +84,9 @@ fn enforcement_survives_a_daemon_kill_and_nothing_is_lost_or_duplicated() {
         &policy,
         "--connect-dedup-ms",
         "0",
+        // One finding per process, not one per 60 s window.
+        "--aggregate-window",
+        "0s",
         "--pin-dir",
         &pin_dir,
         // New credential reads while the daemon is down are seen only by
@@ -129,9 +132,15 @@ fn enforcement_survives_a_daemon_kill_and_nothing_is_lost_or_duplicated() {
         "{}",
         second.log()
     );
-    second.wait_findings(WAIT, |f| {
+    let down = second.wait_findings(WAIT, |f| {
         blocked_findings_of(std::slice::from_ref(f), p2) == 1
     });
+    // Judged with the inventory loaded: the credential is named, not just
+    // known to the kernel by inode.
+    assert_eq!(
+        down[0]["credential"]["path"], token,
+        "the read made while the daemon was down names its credential: {down:#?}"
+    );
     let (p3, out) = read_then_connect(&cg, &token, other.addr.port());
     assert_eq!(out, format!("errno={}", libc::EPERM));
     second.wait_findings(WAIT, |f| {
