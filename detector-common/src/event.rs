@@ -70,6 +70,9 @@ pub enum AccessRoute {
     Creat = 4,
     OpenByHandleAt = 5,
     PidfdGetfd = 6,
+    /// Seen by the lease sensor inside the kernel's open path: any call that
+    /// opens the file (the syscall is not known there; io_uring included).
+    AnyOpen = 7,
 }
 
 impl AccessRoute {
@@ -81,6 +84,7 @@ impl AccessRoute {
             4 => Self::Creat,
             5 => Self::OpenByHandleAt,
             6 => Self::PidfdGetfd,
+            7 => Self::AnyOpen,
             _ => return None,
         })
     }
@@ -93,6 +97,7 @@ impl AccessRoute {
             Self::Creat => "creat",
             Self::OpenByHandleAt => "open_by_handle_at",
             Self::PidfdGetfd => "pidfd_getfd",
+            Self::AnyOpen => "open_any",
         }
     }
 }

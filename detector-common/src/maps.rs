@@ -127,6 +127,14 @@ pub struct KernelOffsets {
     pub css_set_dfl_cgrp: u32,
     pub cgroup_kn: u32,
     pub kernfs_node_id: u32,
+    /// `struct file_lease` (6.9+; `struct file_lock` before) -> the leased
+    /// `struct file *`, for the lease sensor. 0 when BTF has neither.
+    pub lease_file: u32,
+    /// `task_struct.stack`, and the kernel stack size: the user registers
+    /// of the current syscall sit at its top (x86_64). The lease sensor
+    /// reads the syscall and its open flags there. 0 = not available.
+    pub task_stack: u32,
+    pub thread_size: u32,
 }
 
 /// Runtime switches for the programs (a read-only global).

@@ -20,7 +20,7 @@ use aya_ebpf::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_comm,
         bpf_get_current_pid_tgid, bpf_get_current_task, bpf_get_current_uid_gid,
         bpf_ktime_get_boot_ns, bpf_probe_read_kernel, bpf_probe_read_kernel_str_bytes,
-        bpf_send_signal,
+        bpf_probe_read_user, bpf_send_signal,
     },
     macros::{cgroup_sock_addr, map, raw_tracepoint, tracepoint},
     maps::{lpm_trie::Key, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf},
@@ -323,6 +323,21 @@ fn on_fd_returned(ctx: &TracePointContext, route: AccessRoute) -> u32 {
     let Ok(f_mode) = (unsafe { read_at::<u32>(file, off.file_f_mode) }) else {
         return 0;
     };
+    credential_opened(&off, key, info, f_mode, route, ret as i32);
+    0
+}
+
+/// A credential was opened by the current task: holder state, re-read
+/// aggregation, and the event.
+#[inline(always)]
+fn credential_opened(
+    off: &KernelOffsets,
+    key: CredentialKey,
+    info: CredentialInfo,
+    f_mode: u32,
+    route: AccessRoute,
+    fd: i32,
+) {
     let hdr = header(EventKind::CredentialAccess);
     if f_mode & FMODE_READ != 0 {
         let holder = Holder {
@@ -331,7 +346,7 @@ fn on_fd_returned(ctx: &TracePointContext, route: AccessRoute) -> u32 {
             since_ns: hdr.time_ns,
         };
         let _ = HOLDERS.insert(&hdr.tgid, &holder, 0);
-        taint_parent(&off, &hdr, &holder);
+        taint_parent(off, &hdr, &holder);
     }
     // Aggregate re-reads by the same process (client-go's periodic re-read,
     // or a flood) into one report per window; the count stays exact. Only
@@ -349,7 +364,7 @@ fn on_fd_returned(ctx: &TracePointContext, route: AccessRoute) -> u32 {
                 let seen = unsafe { &mut *seen };
                 if hdr.time_ns.wrapping_sub(seen.last_report_ns) < window {
                     seen.suppressed += 1;
-                    return 0;
+                    return;
                 }
                 repeats = seen.suppressed;
                 seen.suppressed = 0;
@@ -366,16 +381,16 @@ fn on_fd_returned(ctx: &TracePointContext, route: AccessRoute) -> u32 {
         }
     }
     if !admit(hdr.cgroup_id, true) {
-        return 0;
+        return;
     }
     let Some(mut entry) = ALERTS.reserve::<CredentialAccessEvent>(0) else {
         lost(EventKind::CredentialAccess, hdr.cgroup_id, true);
-        return 0;
+        return;
     };
     let uid_gid = bpf_get_current_uid_gid();
     entry.write(CredentialAccessEvent {
         header: hdr,
-        ppid: current_ppid(&off),
+        ppid: current_ppid(off),
         uid: uid_gid as u32,
         gid: (uid_gid >> 32) as u32,
         credential_id: info.id,
@@ -384,13 +399,12 @@ fn on_fd_returned(ctx: &TracePointContext, route: AccessRoute) -> u32 {
         f_mode,
         route: route as u16,
         _pad0: 0,
-        fd: ret as i32,
+        fd,
         repeats,
         comm: comm(),
     });
     entry.submit(0);
     bump(&EMITTED, EventKind::CredentialAccess);
-    0
 }
 
 #[tracepoint]
@@ -421,6 +435,128 @@ pub fn sys_exit_open_by_handle_at(ctx: TracePointContext) -> u32 {
 #[tracepoint]
 pub fn sys_exit_pidfd_getfd(ctx: TracePointContext) -> u32 {
     on_fd_returned(&ctx, AccessRoute::PidfdGetfd)
+}
+
+// ---- credential access: lease sensor ---------------------------------------
+
+const F_RDLCK: u8 = 0;
+const FL_LEASE: u32 = 32;
+const FMODE_WRITE: u32 = 2;
+
+/// filelock:leases_conflict, which the kernel's open path (`break_lease` in
+/// `do_dentry_open`) fires for every lease on the inode being opened, in the
+/// opener's context and before the open returns. The daemon holds a read
+/// lease on every credential file, and only on those: other opens never get
+/// here, so they pay nothing, and no syscall tracepoint is needed.
+///
+/// Format: `lease` pointer at 8, `l_fl_flags` at 24, `b_fl_type` at 33.
+#[tracepoint]
+pub fn leases_conflict(ctx: TracePointContext) -> u32 {
+    let cfg = config();
+    let off = offsets();
+    if cfg.enabled == 0 || off.lease_file == 0 {
+        return 0;
+    }
+    let Ok(flags) = (unsafe { ctx.read_at::<u32>(24) }) else {
+        return 0;
+    };
+    if flags & FL_LEASE == 0 {
+        return 0;
+    }
+    let (Ok(lease), Ok(breaker_type)) = (unsafe { ctx.read_at::<*const u8>(8) }, unsafe {
+        ctx.read_at::<u8>(33)
+    }) else {
+        return 0;
+    };
+    let key = unsafe {
+        let Ok(file) = read_at::<*const u8>(lease, off.lease_file) else {
+            return 0;
+        };
+        let Ok(inode) = read_at::<*const u8>(file, off.file_f_inode) else {
+            return 0;
+        };
+        let (Ok(ino), Ok(sb)) = (
+            read_at::<u64>(inode, off.inode_i_ino),
+            read_at::<*const u8>(inode, off.inode_i_sb),
+        ) else {
+            return 0;
+        };
+        let Ok(dev) = read_at::<u32>(sb, off.super_block_s_dev) else {
+            return 0;
+        };
+        CredentialKey {
+            dev: dev as u64,
+            ino,
+        }
+    };
+    let Some(info) = (unsafe { CREDENTIALS.get(&key) }).copied() else {
+        return 0;
+    };
+    // The breaker's type is all the kernel tells here: F_RDLCK for a
+    // read-only open; F_WRLCK for a write or a read-write one, which cannot
+    // be told apart, so it counts as a possible read (a holder).
+    let (route, f_mode) = match syscall_open(&off) {
+        // The breaker's type is the kernel's own word on read-only; the
+        // syscall's flags add whether a write open also reads.
+        Some((route, _)) if breaker_type == F_RDLCK => (route, FMODE_READ),
+        Some((route, mode)) => (route, mode | FMODE_WRITE),
+        // Not a syscall of the open family (io_uring, exec): the breaker's
+        // type alone; a write one may read too, so it counts as a read.
+        None if breaker_type == F_RDLCK => (AccessRoute::AnyOpen, FMODE_READ),
+        None => (AccessRoute::AnyOpen, FMODE_READ | FMODE_WRITE),
+    };
+    credential_opened(&off, key, info, f_mode, route, -1);
+    0
+}
+
+/// x86_64 syscall numbers of the open family.
+const NR_OPEN: u64 = 2;
+const NR_CREAT: u64 = 85;
+const NR_OPENAT: u64 = 257;
+const NR_OPEN_BY_HANDLE_AT: u64 = 304;
+const NR_OPENAT2: u64 = 437;
+/// `struct pt_regs` on x86_64: its size and the offsets of orig_ax, si, dx.
+const PT_REGS_SIZE: u32 = 21 * 8;
+const REG_ORIG_AX: u32 = 15 * 8;
+const REG_SI: u32 = 13 * 8;
+const REG_DX: u32 = 12 * 8;
+const O_ACCMODE: u64 = 3;
+
+/// The open-family syscall the current task is in, and the access mode its
+/// flags ask for (FMODE_READ / FMODE_WRITE), from the user registers saved
+/// at the top of its kernel stack. None for anything else.
+#[inline(always)]
+fn syscall_open(off: &KernelOffsets) -> Option<(AccessRoute, u32)> {
+    if off.task_stack == 0 || off.thread_size <= PT_REGS_SIZE {
+        return None;
+    }
+    unsafe {
+        let task = bpf_get_current_task() as *const u8;
+        let stack: *const u8 = read_at(task, off.task_stack).ok()?;
+        let regs = stack.wrapping_add((off.thread_size - PT_REGS_SIZE) as usize);
+        let nr: u64 = read_at(regs, REG_ORIG_AX).ok()?;
+        let (route, flags) = match nr {
+            NR_OPEN => (AccessRoute::Open, read_at::<u64>(regs, REG_SI).ok()?),
+            NR_OPENAT => (AccessRoute::Openat, read_at::<u64>(regs, REG_DX).ok()?),
+            NR_OPEN_BY_HANDLE_AT => (
+                AccessRoute::OpenByHandleAt,
+                read_at::<u64>(regs, REG_DX).ok()?,
+            ),
+            NR_CREAT => (AccessRoute::Creat, 1),
+            NR_OPENAT2 => {
+                // struct open_how { u64 flags; ... } in user memory.
+                let how: *const u64 = read_at(regs, REG_DX).ok()?;
+                (AccessRoute::Openat2, bpf_probe_read_user(how).ok()?)
+            }
+            _ => return None,
+        };
+        let mode = match flags & O_ACCMODE {
+            0 => FMODE_READ,
+            1 => FMODE_WRITE,
+            _ => FMODE_READ | FMODE_WRITE,
+        };
+        Some((route, mode))
+    }
 }
 
 // ---- lineage ----------------------------------------------------------------

@@ -282,6 +282,33 @@ impl Btf {
         Ok(bits / 8)
     }
 
+    /// Byte offset of `strukt.member.field`, `member` being a named struct
+    /// (not an anonymous one, which `field_offset` looks through).
+    pub fn nested_offset(
+        &self,
+        strukt: &str,
+        member: &str,
+        inner: &str,
+        field: &str,
+        size: u32,
+    ) -> Result<u32, BtfError> {
+        let inner_size = self
+            .structs
+            .get(inner)
+            .and_then(|&id| self.size_of(id))
+            .ok_or_else(|| BtfError::NoStruct(inner.into()))?;
+        Ok(self.field_offset(strukt, member, inner_size)?
+            + self.field_offset(inner, field, size)?)
+    }
+
+    /// `struct file *` of a lease: `file_lease.c.flc_file` since 6.9,
+    /// `file_lock.fl_file` before; 0 (lease sensor unavailable) if neither.
+    fn lease_file_offset(&self) -> u32 {
+        self.nested_offset("file_lease", "c", "file_lock_core", "flc_file", 8)
+            .or_else(|_| self.field_offset("file_lock", "fl_file", 8))
+            .unwrap_or(0)
+    }
+
     /// Every offset the kernel programs need.
     pub fn kernel_offsets(&self) -> Result<KernelOffsets, BtfError> {
         Ok(KernelOffsets {
@@ -301,6 +328,14 @@ impl Btf {
             css_set_dfl_cgrp: self.field_offset("css_set", "dfl_cgrp", 8)?,
             cgroup_kn: self.field_offset("cgroup", "kn", 8)?,
             kernfs_node_id: self.field_offset("kernfs_node", "id", 8)?,
+            lease_file: self.lease_file_offset(),
+            // x86_64 only: the pt_regs layout the kernel program reads.
+            task_stack: if cfg!(target_arch = "x86_64") {
+                self.field_offset("task_struct", "stack", 8).unwrap_or(0)
+            } else {
+                0
+            },
+            thread_size: 16384,
         })
     }
 }

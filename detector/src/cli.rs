@@ -148,6 +148,12 @@ pub enum OpenSensor {
     Fanotify,
     /// Syscall-exit tracepoints of the open family (also sees pidfd_getfd).
     Tracepoint,
+    /// A read lease on every credential file; the kernel's lease check in
+    /// the open path (`filelock:leases_conflict`) reports their opens, in
+    /// the opener's context. No syscall tracepoint and no round trip to
+    /// the daemon: other opens pay nothing, credential opens a little
+    /// (needs CAP_LEASE).
+    Lease,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum, Deserialize)]

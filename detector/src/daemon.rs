@@ -353,6 +353,16 @@ impl Pipeline {
         }
     }
 
+    fn metrics_leases(&self, leases: &crate::lease::Leases) {
+        let (held, waiting, refused) = leases.counts();
+        for (state, n) in [("held", held), ("waiting", waiting), ("refused", refused)] {
+            self.metrics
+                .leases
+                .with_label_values(&[state])
+                .set(n as i64);
+        }
+    }
+
     /// Periodic: kernel-side loss counters and map sizes into metrics.
     fn refresh_stats(&mut self, sensors: &Sensors) {
         release_free_heap();
@@ -537,7 +547,25 @@ pub async fn run(settings: RunSettings) -> Result<()> {
         .and_then(|b| b.kernel_offsets())
         .context("reading kernel struct offsets from /sys/kernel/btf/vmlinux (the kernel needs CONFIG_DEBUG_INFO_BTF)")?;
     debug!(?offsets, "kernel offsets");
-    let fanotify_group = fanotify::select(settings.open_sensor)?;
+    let lease_sensor = settings.open_sensor == crate::cli::OpenSensor::Lease;
+    if lease_sensor {
+        if let Some(why) = crate::lease::unavailable(offsets.lease_file) {
+            anyhow::bail!("--open-sensor lease is not available on this node: {why}");
+        }
+    }
+    let fanotify_group = if lease_sensor {
+        None
+    } else {
+        fanotify::select(settings.open_sensor)?
+    };
+    // A broken lease is signalled with SIGIO, whose default action ends the
+    // process: take it before the first lease.
+    let mut sigio = if lease_sensor {
+        Some(signal(SignalKind::io()).context("taking SIGIO for the lease sensor")?)
+    } else {
+        None
+    };
+    let mut leases = crate::lease::Leases::default();
     let (mut sensors, rings) = Sensors::load(
         offsets,
         &SensorConfig {
@@ -548,7 +576,8 @@ pub async fn run(settings: RunSettings) -> Result<()> {
             cgroup_event_budget: settings.cgroup_event_budget,
             cgroup_alert_budget: settings.cgroup_alert_budget,
             pin_dir: settings.pin_dir.clone(),
-            open_tracepoints: fanotify_group.is_none(),
+            open_tracepoints: fanotify_group.is_none() && !lease_sensor,
+            lease_tracepoint: lease_sensor,
             deny_rules: !settings.deny_cgroup.is_empty(),
         },
     )?;
@@ -717,6 +746,13 @@ pub async fn run(settings: RunSettings) -> Result<()> {
                 if let Some(s) = open_sensor.as_mut() {
                     s.drain_discovered(&mut pipeline.credentials, &mut sensors.maps.credentials);
                 }
+                if lease_sensor {
+                    match &update {
+                        InventoryUpdate::Upsert(f) => leases.add(f.key(), &f.path),
+                        InventoryUpdate::Remove(f) => leases.remove(f.key()),
+                        InventoryUpdate::Synced => {}
+                    }
+                }
                 let synced = pipeline.apply_inventory(&mut sensors, update);
                 if let (Some(s), Some(u)) = (open_sensor.as_mut(), for_fanotify) {
                     s.apply_inventory(&u, &mut pipeline.credentials, &mut sensors.maps.credentials);
@@ -728,7 +764,15 @@ pub async fn run(settings: RunSettings) -> Result<()> {
                     info!(credentials = pipeline.credentials.len(), "inventory loaded; ready");
                 }
             }
+            Some(()) = recv_opt(sigio.as_mut()) => {
+                leases.release_broken();
+                pipeline.metrics_leases(&leases);
+            }
             _ = stats.tick() => {
+                if lease_sensor {
+                    leases.retry();
+                    pipeline.metrics_leases(&leases);
+                }
                 if let Some(p) = &policy {
                     // A rejected reload changes only the status, not the set.
                     metrics.policy_reload_success.set(p.status().ok as i64);
@@ -809,6 +853,13 @@ fn own_cgroup_path() -> Option<String> {
         .find_map(|l| l.strip_prefix("0::").map(str::to_string))
 }
 
+async fn recv_opt(s: Option<&mut tokio::signal::unix::Signal>) -> Option<()> {
+    match s {
+        Some(s) => s.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
 async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
     match at {
         Some(t) => tokio::time::sleep_until(t).await,
@@ -826,7 +877,15 @@ fn start_open_sensor(
     metrics: &Metrics,
 ) -> Result<Option<fanotify::FanotifySensor>> {
     let Some(group) = group else {
-        info!("credential opens: open-family syscall tracepoints");
+        if sensors
+            .attached
+            .iter()
+            .any(|p| p.ends_with("/leases_conflict"))
+        {
+            info!("credential opens: read leases on the credential files (filelock:leases_conflict; no syscall tracepoint attached)");
+        } else {
+            info!("credential opens: open-family syscall tracepoints");
+        }
         return Ok(None);
     };
     let lost = metrics

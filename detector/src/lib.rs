@@ -25,6 +25,7 @@ pub mod fanotify;
 pub mod finding;
 pub mod inventory;
 pub mod learn;
+pub mod lease;
 pub mod loader;
 pub mod observe;
 pub mod policy;

@@ -68,6 +68,9 @@ pub struct SensorConfig {
     /// when the fanotify sensor sees credential opens instead: any syscall
     /// tracepoint slows every syscall of every task.
     pub open_tracepoints: bool,
+    /// Attach `filelock:leases_conflict` (the lease sensor): credential
+    /// opens seen through the read leases the daemon holds on them.
+    pub lease_tracepoint: bool,
     /// Deny rules will be written (`--deny-cgroup`); without, the egress
     /// programs skip the two deny-map lookups.
     pub deny_rules: bool,
@@ -125,7 +128,7 @@ impl PinLayout {
         root: &Path,
         config: &ProgramConfig,
         offsets: &KernelOffsets,
-        open_tracepoints: bool,
+        open_probes: u8,
     ) -> PinLayout {
         use std::mem::size_of;
         let sizes = [
@@ -143,12 +146,7 @@ impl PinLayout {
         ]
         .map(|n| n as u64);
         let maps = fnv(&[&MAP_LAYOUT_VERSION.to_le_bytes(), bytes_of(&sizes)]);
-        let links = fnv(&[
-            OBJECT,
-            bytes_of(config),
-            bytes_of(offsets),
-            &[open_tracepoints as u8],
-        ]);
+        let links = fnv(&[OBJECT, bytes_of(config), bytes_of(offsets), &[open_probes]]);
         PinLayout {
             maps: root.join(format!("maps-{maps:016x}")),
             links: root.join(format!("links-{links:016x}")),
@@ -351,7 +349,12 @@ impl Sensors {
         };
         let pins = match &cfg.pin_dir {
             Some(root) => {
-                let layout = PinLayout::new(root, &program_config, &offsets, cfg.open_tracepoints);
+                let layout = PinLayout::new(
+                    root,
+                    &program_config,
+                    &offsets,
+                    cfg.open_tracepoints as u8 | (cfg.lease_tracepoint as u8) << 1,
+                );
                 for d in [&layout.maps, &layout.links] {
                     std::fs::create_dir_all(d).with_context(|| {
                         format!("creating pin directory {} (is it on bpffs?)", d.display())
@@ -434,6 +437,9 @@ impl Sensors {
             for name in FD_TRACEPOINTS {
                 attach_tp(&mut ebpf, "syscalls", name)?;
             }
+        }
+        if cfg.lease_tracepoint {
+            attach_tp(&mut ebpf, "filelock", "leases_conflict")?;
         }
         attach_tp(&mut ebpf, "sched", "sched_process_exec")?;
         attach_tp(&mut ebpf, "cgroup", "cgroup_mkdir")?;

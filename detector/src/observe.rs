@@ -37,6 +37,7 @@ pub struct Metrics {
     pub map_entries: IntGaugeVec,
     pub workload_holders: IntGaugeVec,
     pub events_dropped: IntCounterVec,
+    pub leases: IntGaugeVec,
 }
 
 impl Metrics {
@@ -109,6 +110,16 @@ impl Metrics {
              (over its per-cgroup budget or ring buffer full), by namespace (\"\" = host).",
             &["namespace"],
         )?;
+        let leases = IntGaugeVec::new(
+            Opts::new(
+                "detector_credential_leases",
+                "Lease sensor (--open-sensor lease): credential files by lease state \
+                 (held: opens seen; waiting: a writer has it open, opens not seen; \
+                 refused: the filesystem takes no lease).",
+            ),
+            &["state"],
+        )?;
+        registry.register(Box::new(leases.clone()))?;
         // Every series of a closed label set exists from the start, so
         // `increase()` and absence-based alerts work before the first event.
         for kind in detector_common::EventKind::ALL {
@@ -138,6 +149,7 @@ impl Metrics {
             processing_latency,
             map_entries,
             workload_holders,
+            leases,
             events_dropped,
             registry,
         }))

@@ -81,11 +81,12 @@ impl Drop for CredFixture {
     }
 }
 
-/// The two credential-open sensors (`--open-sensor`).
+/// The three credential-open sensors (`--open-sensor`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Sensor {
     Tracepoint,
     Fanotify,
+    Lease,
 }
 
 impl Sensor {
@@ -95,6 +96,7 @@ impl Sensor {
             match self {
                 Sensor::Tracepoint => "tracepoint",
                 Sensor::Fanotify => "fanotify",
+                Sensor::Lease => "lease",
             },
         ];
         all.extend_from_slice(args);
@@ -121,6 +123,17 @@ impl Sensor {
                 names.contains("sys_exit_openat"),
                 "tracepoint sensor without sys_exit_openat: {names:?}"
             ),
+            // No syscall tracepoint either: the lease check in the open path.
+            Sensor::Lease => {
+                assert!(
+                    syscall_tps.is_empty(),
+                    "syscall tracepoints loaded: {syscall_tps:?}"
+                );
+                assert!(
+                    names.contains("leases_conflict"),
+                    "lease sensor without leases_conflict: {names:?}"
+                );
+            }
         }
         d
     }
@@ -162,13 +175,20 @@ fn every_route_to_a_credential_yields_exactly_one_event(sensor: Sensor) {
             "open_by_handle_at",
         ),
     ];
-    if sensor == Sensor::Fanotify {
+    if sensor != Sensor::Tracepoint {
         // No syscall tracepoint sees these (see the tracepoint case below).
-        routes.push(("io_uring inline", vec!["uring-open", &fx.token], "io_uring"));
+        // The lease sensor is in the kernel's open path, not in a syscall
+        // of the open family: it names no route for them.
+        let route = if sensor == Sensor::Lease {
+            "open_any"
+        } else {
+            "io_uring"
+        };
+        routes.push(("io_uring inline", vec!["uring-open", &fx.token], route));
         routes.push((
             "io_uring io-wq worker",
             vec!["uring-open", &fx.token, "async"],
-            "io_uring",
+            route,
         ));
     }
     let mut cred_ids = HashSet::new();
@@ -207,7 +227,7 @@ fn every_route_to_a_credential_yields_exactly_one_event(sensor: Sensor) {
         // The fanotify opener waits for us before its fd is installed.
         match sensor {
             Sensor::Tracepoint => assert!(e["fd"].as_i64().unwrap() >= 0, "{what}: {e}"),
-            Sensor::Fanotify => assert_eq!(e["fd"], -1, "{what}: {e}"),
+            Sensor::Fanotify | Sensor::Lease => assert_eq!(e["fd"], -1, "{what}: {e}"),
         }
         cred_ids.insert(u(e, "credential_id"));
     }
@@ -252,7 +272,7 @@ fn every_route_to_a_credential_yields_exactly_one_event(sensor: Sensor) {
             assert_eq!(evs.len(), 1, "{evs:?}");
             assert_eq!(evs[0]["route"], "pidfd_getfd");
         }
-        Sensor::Fanotify => assert!(evs.is_empty(), "{evs:?}"),
+        Sensor::Fanotify | Sensor::Lease => assert!(evs.is_empty(), "{evs:?}"),
     }
 
     // io_uring opens are the tracepoint sensor's known gap: no event.
@@ -288,6 +308,11 @@ fn every_route_to_a_credential_yields_exactly_one_event_tracepoint() {
 #[test]
 fn every_route_to_a_credential_yields_exactly_one_event_fanotify() {
     every_route_to_a_credential_yields_exactly_one_event(Sensor::Fanotify);
+}
+
+#[test]
+fn every_route_to_a_credential_yields_exactly_one_event_lease() {
+    every_route_to_a_credential_yields_exactly_one_event(Sensor::Lease);
 }
 
 fn a_forked_child_of_a_holder_is_a_holder_and_exit_cleans_up(sensor: Sensor) {
@@ -373,6 +398,11 @@ fn a_forked_child_of_a_holder_is_a_holder_and_exit_cleans_up_fanotify() {
     a_forked_child_of_a_holder_is_a_holder_and_exit_cleans_up(Sensor::Fanotify);
 }
 
+#[test]
+fn a_forked_child_of_a_holder_is_a_holder_and_exit_cleans_up_lease() {
+    a_forked_child_of_a_holder_is_a_holder_and_exit_cleans_up(Sensor::Lease);
+}
+
 /// `TOKEN=$(cat token); …`: the reader's parent in the same cgroup becomes
 /// a holder at the moment of the read, so what it starts next inherits it.
 fn a_readers_parent_in_the_same_cgroup_is_a_holder(sensor: Sensor) {
@@ -419,6 +449,11 @@ fn a_readers_parent_in_the_same_cgroup_is_a_holder_tracepoint() {
 #[test]
 fn a_readers_parent_in_the_same_cgroup_is_a_holder_fanotify() {
     a_readers_parent_in_the_same_cgroup_is_a_holder(Sensor::Fanotify);
+}
+
+#[test]
+fn a_readers_parent_in_the_same_cgroup_is_a_holder_lease() {
+    a_readers_parent_in_the_same_cgroup_is_a_holder(Sensor::Lease);
 }
 
 /// The fanotify sensor names the opener's cgroup from /proc; it must be the

@@ -84,21 +84,29 @@ enum Config {
     None,
     Detector,
     DetectorFanotify,
+    DetectorLease,
     Bpftrace,
 }
 
 impl Config {
-    const ALL: [Config; 4] = [
+    const ALL: [Config; 5] = [
         Config::None,
         Config::Detector,
         Config::DetectorFanotify,
+        Config::DetectorLease,
         Config::Bpftrace,
+    ];
+    const DETECTORS: [Config; 3] = [
+        Config::Detector,
+        Config::DetectorFanotify,
+        Config::DetectorLease,
     ];
     fn name(self) -> &'static str {
         match self {
             Config::None => "none",
             Config::Detector => "detector",
             Config::DetectorFanotify => "fanotify",
+            Config::DetectorLease => "lease",
             Config::Bpftrace => "bpftrace",
         }
     }
@@ -108,6 +116,7 @@ impl Config {
         match self {
             Config::Detector => Some("tracepoint"),
             Config::DetectorFanotify => Some("fanotify"),
+            Config::DetectorLease => Some("lease"),
             _ => None,
         }
     }
@@ -394,7 +403,7 @@ struct SessionResult {
 fn start(cfg: Config, env: &Env, round: usize, ready_timeout: Duration) -> Result<Session> {
     match cfg {
         Config::None => Ok(Session::None),
-        Config::Detector | Config::DetectorFanotify => {
+        Config::Detector | Config::DetectorFanotify | Config::DetectorLease => {
             let port = free_port()?;
             let log = env.dir.join(format!("{}-{round}.log", cfg.name()));
             let logf = File::create(&log)?;
@@ -489,7 +498,7 @@ fn bpf_stats_pass(env: &Env, scale: f64, ready_timeout: Duration) -> Result<Stri
     let mut t = String::from(
         "| Configuration | Workload | BPF ns per op | per program: runs per op × mean ns per run |\n|---|---|---:|---|\n",
     );
-    for cfg in [Config::Detector, Config::DetectorFanotify] {
+    for cfg in Config::DETECTORS {
         let session = start(cfg, env, 1000 + cfg as usize, ready_timeout)?;
         let Session::Detector { guard, .. } = &session else {
             unreachable!("a detector configuration")
@@ -903,9 +912,9 @@ pub fn bench(args: BenchArgs) -> Result<ExitCode> {
         .collect();
     let mut table = String::new();
     table.push_str(
-        "| Workload | iterations | none | detector (tracepoints) | detector (fanotify) | bpftrace one-liner |\n",
+        "| Workload | iterations | none | detector (tracepoints) | detector (fanotify) | detector (lease) | bpftrace one-liner |\n",
     );
-    table.push_str("|---|---:|---:|---:|---:|---:|\n");
+    table.push_str("|---|---:|---:|---:|---:|---:|---:|\n");
     for (i, case) in CASES.iter().enumerate() {
         let iters = ((case.iters as f64 * args.scale).round() as u64).max(1);
         let none = med[Config::None as usize][i];
@@ -927,12 +936,13 @@ pub fn bench(args: BenchArgs) -> Result<ExitCode> {
         };
         let _ = writeln!(
             table,
-            "| {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} |",
             case.label,
             iters,
             fmt_ns(none),
             cell(Config::Detector),
             cell(Config::DetectorFanotify),
+            cell(Config::DetectorLease),
             cell(Config::Bpftrace)
         );
     }
@@ -958,7 +968,7 @@ pub fn bench(args: BenchArgs) -> Result<ExitCode> {
     }
 
     let mut det_cpu_line = String::new();
-    for cfg in [Config::Detector, Config::DetectorFanotify] {
+    for cfg in Config::DETECTORS {
         let mine: Vec<(f64, f64)> = det_cpu
             .iter()
             .filter(|(c, _, _)| *c == cfg)
@@ -1065,6 +1075,10 @@ interquartile range and the minimum of those per-round ratios (the spread the sh
     (the full path: /proc read, HOLDERS update, event queued), each re-open within
     `--credential-dedup-ms` (default 1000 ms) by that known holder thread is answered after a poll of
     its pidfd and counted in the kernel's `CRED_SEEN`, as the tracepoint sensor counts it;
+  - `detector (lease)` (raw samples: `lease`) — the same with `--open-sensor lease`: the daemon holds a
+    read lease on the credential file, and the kernel's lease check in the open path fires
+    `filelock:leases_conflict` for opens of that file only; the program runs in the opener's context
+    (holder recorded before the open returns), with no syscall tracepoint and no round trip;
   - `bpftrace` — `bpftrace -e '{bt_prog}'`, measured once it printed `Attaching 1 probe...` plus 0.5 s;
     a sentinel open of the token path from a thread with a unique name must appear in its map at exit,
     else that round's bpftrace samples are discarded.
@@ -1201,8 +1215,13 @@ outside the program (the syscall slow path taken by every syscall of every task)
 /// A small horizontal bar chart of the ratios vs `none` (hand-written SVG,
 /// no plotting dependency).
 fn svg_chart(ratio: &[Vec<f64>]) -> String {
-    let shown = [Config::Detector, Config::DetectorFanotify, Config::Bpftrace];
-    let colors = ["#d95f02", "#1b9e77", "#7570b3"];
+    let shown = [
+        Config::Detector,
+        Config::DetectorFanotify,
+        Config::DetectorLease,
+        Config::Bpftrace,
+    ];
+    let colors = ["#d95f02", "#1b9e77", "#e7298a", "#7570b3"];
     let ratios: Vec<Vec<f64>> = shown.iter().map(|c| ratio[*c as usize].clone()).collect();
     let max = ratios
         .iter()
@@ -1227,7 +1246,7 @@ fn svg_chart(ratio: &[Vec<f64>]) -> String {
         r#"<text x="10" y="20" font-size="14">Time per operation relative to no sensor (1.0 = no overhead)</text>"#
     );
     for (k, c) in shown.iter().enumerate() {
-        let lx = left + k as f64 * 120.0;
+        let lx = left + k as f64 * 110.0;
         let _ = writeln!(
             s,
             r#"<rect x="{lx}" y="30" width="12" height="12" fill="{}"/><text x="{}" y="40">{}</text>"#,

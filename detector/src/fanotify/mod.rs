@@ -1098,7 +1098,7 @@ impl Responder {
 pub fn select(kind: crate::cli::OpenSensor) -> Result<Option<Group>, Error> {
     use crate::cli::OpenSensor;
     match kind {
-        OpenSensor::Tracepoint => Ok(None),
+        OpenSensor::Tracepoint | OpenSensor::Lease => Ok(None),
         OpenSensor::Fanotify => open_group().map(Some),
         OpenSensor::Auto => match open_group() {
             Ok(g) => Ok(Some(g)),

@@ -1,0 +1,241 @@
+//! The lease sensor's userspace half: a read lease on every credential file.
+//!
+//! The kernel's open path calls `break_lease` for an inode that carries a
+//! lease, and that fires `filelock:leases_conflict` in the opener's context,
+//! before the open returns (the kernel program `leases_conflict` in
+//! detector-ebpf). So with a lease on exactly the credential files, their
+//! opens are seen, by any route (open, openat2, open_by_handle_at, io_uring,
+//! a `/proc/<pid>/fd` re-open), synchronously and without a syscall
+//! tracepoint; every other open pays nothing.
+//!
+//! A read lease is broken by an open for writing: the writer waits until the
+//! holder gives the lease up. We give it up as soon as SIGIO says so, and take
+//! it again once no writer has the file open (`retry`, every few seconds).
+//! Until then, opens of that one file are not seen (counted in `waiting`).
+
+use std::{
+    collections::HashMap,
+    fs::File,
+    io,
+    os::{
+        fd::AsRawFd,
+        unix::fs::{MetadataExt, OpenOptionsExt},
+    },
+    path::{Path, PathBuf},
+};
+
+use tracing::{debug, info, warn};
+
+/// `(st_dev, st_ino)` as `stat(2)` gives them (the inventory's key).
+pub type FileKey = (u64, u64);
+
+/// The tracepoint the kernel program reads, and the field offsets it uses.
+const FORMAT: &str = "/sys/kernel/tracing/events/filelock/leases_conflict/format";
+const FIELDS: &[(&str, u32)] = &[("lease", 8), ("l_fl_flags", 24), ("b_fl_type", 33)];
+
+/// Why the lease sensor cannot run on this node.
+pub fn unavailable(lease_file_offset: u32) -> Option<String> {
+    if lease_file_offset == 0 {
+        return Some("kernel BTF has neither file_lease.c.flc_file nor file_lock.fl_file".into());
+    }
+    match std::fs::read_to_string("/proc/sys/fs/leases-enable") {
+        Ok(s) if s.trim() == "0" => return Some("fs.leases-enable is 0".into()),
+        _ => {}
+    }
+    let format = match std::fs::read_to_string(FORMAT).or_else(|_| {
+        std::fs::read_to_string(FORMAT.replace("/sys/kernel/tracing", "/sys/kernel/debug/tracing"))
+    }) {
+        Ok(f) => f,
+        Err(e) => return Some(format!("{FORMAT}: {e}")),
+    };
+    for (name, offset) in FIELDS {
+        if field_offset(&format, name) != Some(*offset) {
+            return Some(format!(
+                "{FORMAT}: field {name} is not at offset {offset} (the kernel program reads it there)"
+            ));
+        }
+    }
+    None
+}
+
+/// Offset of `name` in a tracepoint format file
+/// (`field:void * lease;\toffset:8;\tsize:8;\tsigned:0;`).
+fn field_offset(format: &str, name: &str) -> Option<u32> {
+    format.lines().find_map(|l| {
+        let decl = l.trim().strip_prefix("field:")?;
+        let (decl, rest) = decl.split_once(';')?;
+        let ident = decl
+            .rsplit(|c: char| c.is_whitespace() || c == '*')
+            .next()?;
+        if ident != name {
+            return None;
+        }
+        rest.split(';')
+            .find_map(|p| p.trim().strip_prefix("offset:"))?
+            .parse()
+            .ok()
+    })
+}
+
+struct Lease {
+    file: File,
+    path: PathBuf,
+    /// Whether the read lease is in place (else waiting for writers to close).
+    held: bool,
+}
+
+#[derive(Default)]
+pub struct Leases {
+    files: HashMap<FileKey, Lease>,
+    /// Files that cannot carry a lease at all (filesystem without lease
+    /// support): warned about once each.
+    refused: usize,
+}
+
+const F_SETLEASE: libc::c_int = 1024;
+const F_GETLEASE: libc::c_int = 1025;
+
+fn set_lease(f: &File, kind: libc::c_int) -> io::Result<()> {
+    // SAFETY: fcntl on a descriptor we own; no pointers.
+    if unsafe { libc::fcntl(f.as_raw_fd(), F_SETLEASE, kind) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+impl Leases {
+    /// Takes a read lease on the credential `key` at `path` (idempotent).
+    pub fn add(&mut self, key: FileKey, path: &Path) {
+        if self.files.contains_key(&key) {
+            return;
+        }
+        // O_NONBLOCK: never wait on somebody else's lease. Not O_NOFOLLOW:
+        // kubelet's `token` is a symlink into the current `..data`.
+        let file = match std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open(path)
+        {
+            Ok(f) => f,
+            Err(e) => {
+                debug!(path = %path.display(), error = %e, "cannot open credential for its lease");
+                return;
+            }
+        };
+        match file.metadata() {
+            Ok(m) if (m.dev(), m.ino()) == key => {}
+            // Rotated between the inventory's stat and our open: the
+            // inventory reports the new inode next.
+            _ => return,
+        }
+        let held = match set_lease(&file, libc::F_RDLCK) {
+            Ok(()) => true,
+            Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => false,
+            Err(e) => {
+                self.refused += 1;
+                warn!(path = %path.display(), error = %e, "cannot lease this credential file: its opens are not seen by the lease sensor");
+                return;
+            }
+        };
+        if !held {
+            info!(path = %path.display(), "credential open for writing: leased once the writer closes it");
+        }
+        self.files.insert(
+            key,
+            Lease {
+                file,
+                path: path.to_path_buf(),
+                held,
+            },
+        );
+    }
+
+    /// Drops the lease of a credential that is gone (closing the file ends it).
+    pub fn remove(&mut self, key: FileKey) {
+        self.files.remove(&key);
+    }
+
+    /// After SIGIO: give up every lease a writer is breaking, so the writer
+    /// goes on at once. Returns how many.
+    pub fn release_broken(&mut self) -> usize {
+        let mut released = 0;
+        for l in self.files.values_mut().filter(|l| l.held) {
+            // SAFETY: fcntl on a descriptor we own; no pointers.
+            let now = unsafe { libc::fcntl(l.file.as_raw_fd(), F_GETLEASE) };
+            if now == libc::F_RDLCK as libc::c_int {
+                continue;
+            }
+            let _ = set_lease(&l.file, libc::F_UNLCK);
+            l.held = false;
+            released += 1;
+            info!(path = %l.path.display(), "credential opened for writing: lease given up until the writer closes it (its opens are not seen meanwhile)");
+        }
+        released
+    }
+
+    /// Takes the lease again on files no writer has open any more.
+    pub fn retry(&mut self) {
+        for l in self.files.values_mut().filter(|l| !l.held) {
+            if set_lease(&l.file, libc::F_RDLCK).is_ok() {
+                l.held = true;
+                debug!(path = %l.path.display(), "credential leased again");
+            }
+        }
+    }
+
+    /// (leased, waiting for a writer to close, refused).
+    pub fn counts(&self) -> (usize, usize, usize) {
+        let held = self.files.values().filter(|l| l.held).count();
+        (held, self.files.len() - held, self.refused)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_offsets_from_a_format_file() {
+        let f = "name: leases_conflict\nformat:\n\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;\n\n\tfield:void * lease;\toffset:8;\tsize:8;\tsigned:0;\n\tfield:unsigned int l_fl_flags;\toffset:24;\tsize:4;\tsigned:0;\n\tfield:unsigned char b_fl_type;\toffset:33;\tsize:1;\tsigned:0;\n";
+        assert_eq!(field_offset(f, "lease"), Some(8));
+        assert_eq!(field_offset(f, "l_fl_flags"), Some(24));
+        assert_eq!(field_offset(f, "b_fl_type"), Some(33));
+        assert_eq!(field_offset(f, "breaker"), None);
+    }
+
+    /// Privileged: a lease on a tmpfs file, broken by a writer and released.
+    #[test]
+    fn a_writer_breaks_the_lease_and_it_is_taken_again_after() {
+        let dir = std::env::temp_dir().join(format!("detector-lease-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("token");
+        std::fs::write(&path, b"x").unwrap();
+        let m = std::fs::metadata(&path).unwrap();
+        let mut leases = Leases::default();
+        // SIGIO would end the test process: this test takes it.
+        // SAFETY: installing SIG_IGN has no preconditions.
+        unsafe { libc::signal(libc::SIGIO, libc::SIG_IGN) };
+        leases.add((m.dev(), m.ino()), &path);
+        assert_eq!(leases.counts(), (1, 0, 0));
+        // A non-blocking write open of a leased file fails with EWOULDBLOCK
+        // and starts the break.
+        let e = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&path)
+            .unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EWOULDBLOCK));
+        assert_eq!(leases.release_broken(), 1);
+        assert_eq!(leases.counts(), (0, 1, 0));
+        let w = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        leases.retry();
+        assert_eq!(leases.counts(), (0, 1, 0), "a writer still has it open");
+        drop(w);
+        leases.retry();
+        assert_eq!(leases.counts(), (1, 0, 0));
+        leases.remove((m.dev(), m.ino()));
+        assert_eq!(leases.counts(), (0, 0, 0));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
