@@ -646,3 +646,75 @@ fn killing_the_daemon_leaves_no_program_attached() {
     let (_, out) = probe(&cg, &["connect", "127.0.0.1", &l.addr.port().to_string()]);
     ok(&out);
 }
+
+fn lease_gauge(d: &Daemon, state: &str) -> Option<i64> {
+    d.metrics_text().lines().find_map(|l| {
+        l.strip_prefix(&format!("detector_credential_leases{{state=\"{state}\"}} "))
+            .and_then(|v| v.trim().parse().ok())
+    })
+}
+
+/// The lease sensor's price is writers: an open for writing breaks the lease.
+/// The writer must not be held up (the daemon gives the lease up on SIGIO),
+/// the open itself is reported, and once the writer closes the lease is back
+/// and reads are seen again.
+#[test]
+fn a_writer_breaks_the_lease_briefly_and_reads_are_seen_again_after() {
+    require_root();
+    let fx = CredFixture::new();
+    let cg = TestCgroup::new("lease-writer");
+    let d = Sensor::Lease.start(&["--credential-file", &fx.token]);
+    wait_for(WAIT, || (lease_gauge(&d, "held") == Some(1)).then_some(()))
+        .unwrap_or_else(|| panic!("no lease held; log:\n{}", d.log()));
+
+    let started = std::time::Instant::now();
+    let mut w = cg
+        .command("/bin/sh")
+        .arg("-c")
+        .arg(format!("exec 3>>{}; echo opened; read x", fx.token))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(w.stdout.as_mut().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line.trim(), "opened");
+    let waited = started.elapsed();
+    // The kernel would hold the writer for lease-break-time (45 s).
+    assert!(
+        waited < Duration::from_secs(5),
+        "the writer waited {waited:?} for the lease"
+    );
+    let writer = w.id();
+    let e = &d.wait_events(WAIT, |e| {
+        e["event"] == "credential_access" && u(e, "tgid") == writer as u64
+    })[0];
+    assert_eq!(
+        (e["writable"].as_bool(), e["readable"].as_bool()),
+        (Some(true), Some(false)),
+        "{e}"
+    );
+    wait_for(WAIT, || {
+        (lease_gauge(&d, "waiting") == Some(1)).then_some(())
+    })
+    .expect("the broken lease is counted as waiting");
+
+    // The writer closes: the lease comes back, and a read is seen again.
+    drop(w.stdin.take());
+    w.wait().unwrap();
+    wait_for(WAIT, || (lease_gauge(&d, "held") == Some(1)).then_some(()))
+        .unwrap_or_else(|| panic!("lease not taken again; log:\n{}", d.log()));
+    let (pid, out) = probe(&cg, &["open-abs", &fx.token]);
+    ok(&out);
+    let evs = wait_for(WAIT, || {
+        let v = accesses_of(&d, pid);
+        (!v.is_empty()).then_some(v)
+    })
+    .expect("a read after the lease came back is seen");
+    assert_eq!(evs[0]["readable"], true);
+    assert_eq!(evs[0]["route"], "openat");
+}
