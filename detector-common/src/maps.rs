@@ -130,6 +130,9 @@ pub struct KernelOffsets {
     /// `struct file_lease` (6.9+; `struct file_lock` before) -> the leased
     /// `struct file *`, for the lease sensor. 0 when BTF has neither.
     pub lease_file: u32,
+    /// The breaker's type (F_RDLCK/F_WRLCK), in the same struct.
+    pub lease_type: u32,
+    pub _pad: u32,
     /// `task_struct.stack`, and the kernel stack size: the user registers
     /// of the current syscall sit at its top (x86_64). The lease sensor
     /// reads the syscall and its open flags there. 0 = not available.

@@ -208,6 +208,14 @@ unsafe fn read_at<T>(base: *const u8, off: u32) -> Result<T, i64> {
 
 #[inline(always)]
 fn header(kind: EventKind) -> EventHeader {
+    let mut h = header_without_cgroup(kind);
+    h.cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    h
+}
+
+/// `header` with `cgroup_id` 0, for a caller that may not need it.
+#[inline(always)]
+fn header_without_cgroup(kind: EventKind) -> EventHeader {
     let pid_tgid = bpf_get_current_pid_tgid();
     EventHeader {
         kind: kind as u16,
@@ -216,7 +224,7 @@ fn header(kind: EventKind) -> EventHeader {
         tgid: (pid_tgid >> 32) as u32,
         _pad1: 0,
         time_ns: unsafe { bpf_ktime_get_boot_ns() },
-        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+        cgroup_id: 0,
     }
 }
 
@@ -323,7 +331,7 @@ fn on_fd_returned(ctx: &TracePointContext, route: AccessRoute) -> u32 {
     let Ok(f_mode) = (unsafe { read_at::<u32>(file, off.file_f_mode) }) else {
         return 0;
     };
-    credential_opened(&off, key, info, f_mode, route, ret as i32);
+    credential_opened(&off, key, info, f_mode, || route, ret as i32);
     0
 }
 
@@ -335,11 +343,17 @@ fn credential_opened(
     key: CredentialKey,
     info: CredentialInfo,
     f_mode: u32,
-    route: AccessRoute,
+    route: impl FnOnce() -> AccessRoute,
     fd: i32,
 ) {
-    let hdr = header(EventKind::CredentialAccess);
-    if f_mode & FMODE_READ != 0 {
+    // The cgroup id is fetched only when needed: not for a folded re-read.
+    let mut hdr = header_without_cgroup(EventKind::CredentialAccess);
+    // A re-read by a holder of this very credential changes nothing here
+    // (its parent was looked at on its first read): one lookup instead of
+    // an LRU update and the parent walk on every re-open.
+    let known = unsafe { HOLDERS.get(&hdr.tgid) }.is_some_and(|h| h.credential_id == info.id);
+    if f_mode & FMODE_READ != 0 && !known {
+        hdr.cgroup_id = unsafe { bpf_get_current_cgroup_id() };
         let holder = Holder {
             credential_id: info.id,
             origin_tgid: hdr.tgid,
@@ -380,6 +394,9 @@ fn credential_opened(
             }
         }
     }
+    if hdr.cgroup_id == 0 {
+        hdr.cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    }
     if !admit(hdr.cgroup_id, true) {
         return;
     }
@@ -397,7 +414,7 @@ fn credential_opened(
         dev: key.dev,
         ino: key.ino,
         f_mode,
-        route: route as u16,
+        route: route() as u16,
         _pad0: 0,
         fd,
         repeats,
@@ -440,32 +457,31 @@ pub fn sys_exit_pidfd_getfd(ctx: TracePointContext) -> u32 {
 // ---- credential access: lease sensor ---------------------------------------
 
 const F_RDLCK: u8 = 0;
-const FL_LEASE: u32 = 32;
 const FMODE_WRITE: u32 = 2;
 
-/// filelock:leases_conflict, which the kernel's open path (`break_lease` in
-/// `do_dentry_open`) fires for every lease on the inode being opened, in the
-/// opener's context and before the open returns. The daemon holds a read
-/// lease on every credential file, and only on those: other opens never get
-/// here, so they pay nothing, and no syscall tracepoint is needed.
-///
-/// Format: `lease` pointer at 8, `l_fl_flags` at 24, `b_fl_type` at 33.
-#[tracepoint]
-pub fn leases_conflict(ctx: TracePointContext) -> u32 {
+/// leases_conflict(bool conflict, lease, breaker), a raw tracepoint the
+/// kernel's open path (`break_lease` in `do_dentry_open`) fires for every
+/// lease on the inode being opened, in the opener's context and before the
+/// open returns. The daemon holds a read lease on every credential file, and
+/// only on those: other opens never get here, so they pay nothing, and no
+/// syscall tracepoint is needed. (Raw: no trace record is filled.)
+#[raw_tracepoint(tracepoint = "leases_conflict")]
+pub fn leases_conflict(ctx: RawTracePointContext) -> i32 {
     let cfg = config();
     let off = offsets();
     if cfg.enabled == 0 || off.lease_file == 0 {
         return 0;
     }
-    let Ok(flags) = (unsafe { ctx.read_at::<u32>(24) }) else {
-        return 0;
+    let args = ctx.as_ptr() as *const u64;
+    let (lease, breaker) = unsafe {
+        (
+            *args.wrapping_add(1) as *const u8,
+            *args.wrapping_add(2) as *const u8,
+        )
     };
-    if flags & FL_LEASE == 0 {
-        return 0;
-    }
-    let (Ok(lease), Ok(breaker_type)) = (unsafe { ctx.read_at::<*const u8>(8) }, unsafe {
-        ctx.read_at::<u8>(33)
-    }) else {
+    // No check that it is a lease (not an nfsd delegation): only the
+    // credential map decides, and it holds only files we leased.
+    let Ok(breaker_type) = (unsafe { read_at::<u8>(breaker, off.lease_type) }) else {
         return 0;
     };
     let key = unsafe {
@@ -492,20 +508,18 @@ pub fn leases_conflict(ctx: TracePointContext) -> u32 {
     let Some(info) = (unsafe { CREDENTIALS.get(&key) }).copied() else {
         return 0;
     };
-    // The breaker's type is all the kernel tells here: F_RDLCK for a
-    // read-only open; F_WRLCK for a write or a read-write one, which cannot
-    // be told apart, so it counts as a possible read (a holder).
-    let (route, f_mode) = match syscall_open(&off) {
-        // The breaker's type is the kernel's own word on read-only; the
-        // syscall's flags add whether a write open also reads.
-        Some((route, _)) if breaker_type == F_RDLCK => (route, FMODE_READ),
-        Some((route, mode)) => (route, mode | FMODE_WRITE),
-        // Not a syscall of the open family (io_uring, exec): the breaker's
-        // type alone; a write one may read too, so it counts as a read.
-        None if breaker_type == F_RDLCK => (AccessRoute::AnyOpen, FMODE_READ),
-        None => (AccessRoute::AnyOpen, FMODE_READ | FMODE_WRITE),
-    };
-    credential_opened(&off, key, info, f_mode, route, -1);
+    if breaker_type == F_RDLCK {
+        // The kernel's own word: read-only. The syscall is looked up only
+        // if the open is reported (not for a re-read folded in the kernel).
+        let route = || syscall_open(&off).map_or(AccessRoute::AnyOpen, |(r, _)| r);
+        credential_opened(&off, key, info, FMODE_READ, route, -1);
+    } else {
+        // Written to: the syscall's flags say whether it reads too. Not a
+        // syscall of the open family (io_uring, exec): it may read, so it
+        // counts as a read.
+        let (route, mode) = syscall_open(&off).unwrap_or((AccessRoute::AnyOpen, FMODE_READ));
+        credential_opened(&off, key, info, mode | FMODE_WRITE, || route, -1);
+    }
     0
 }
 

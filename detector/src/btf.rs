@@ -301,12 +301,23 @@ impl Btf {
             + self.field_offset(inner, field, size)?)
     }
 
-    /// `struct file *` of a lease: `file_lease.c.flc_file` since 6.9,
-    /// `file_lock.fl_file` before; 0 (lease sensor unavailable) if neither.
-    fn lease_file_offset(&self) -> u32 {
-        self.nested_offset("file_lease", "c", "file_lock_core", "flc_file", 8)
-            .or_else(|_| self.field_offset("file_lock", "fl_file", 8))
-            .unwrap_or(0)
+    /// A lease's `struct file *` and type: `file_lease.c.flc_*` since 6.9,
+    /// `file_lock.fl_*` before; zeros (lease sensor unavailable) if neither.
+    fn lease_offsets(&self) -> (u32, u32) {
+        let core = |field: &str, size| {
+            self.nested_offset(
+                "file_lease",
+                "c",
+                "file_lock_core",
+                &format!("flc_{field}"),
+                size,
+            )
+            .or_else(|_| self.field_offset("file_lock", &format!("fl_{field}"), size))
+        };
+        match (core("file", 8), core("type", 1)) {
+            (Ok(file), Ok(kind)) => (file, kind),
+            _ => (0, 0),
+        }
     }
 
     /// Every offset the kernel programs need.
@@ -328,7 +339,9 @@ impl Btf {
             css_set_dfl_cgrp: self.field_offset("css_set", "dfl_cgrp", 8)?,
             cgroup_kn: self.field_offset("cgroup", "kn", 8)?,
             kernfs_node_id: self.field_offset("kernfs_node", "id", 8)?,
-            lease_file: self.lease_file_offset(),
+            lease_file: self.lease_offsets().0,
+            lease_type: self.lease_offsets().1,
+            _pad: 0,
             // x86_64 only: the pt_regs layout the kernel program reads.
             task_stack: if cfg!(target_arch = "x86_64") {
                 self.field_offset("task_struct", "stack", 8).unwrap_or(0)
@@ -410,5 +423,21 @@ mod tests {
         let btf = Btf::from_sys_fs().expect("/sys/kernel/btf/vmlinux");
         let off = btf.kernel_offsets().expect("offsets");
         assert!(off.task_tgid > 0 && off.task_files > 0 && off.inode_i_sb > 0);
+        // The lease sensor's: through the named `c` member (6.9+), or the
+        // old struct file_lock.
+        assert!(
+            off.lease_file > 0 && off.lease_type > 0 && off.lease_file != off.lease_type,
+            "{off:?}"
+        );
+        if btf.structs.contains_key("file_lease") {
+            let core = btf.field_offset("file_lease", "c", 0).err();
+            assert!(
+                matches!(core, Some(BtfError::FieldSize { .. })),
+                "c is a struct member: {core:?}"
+            );
+        }
+        if cfg!(target_arch = "x86_64") {
+            assert!(off.task_stack > 0 && off.thread_size == 16384);
+        }
     }
 }

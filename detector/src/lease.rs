@@ -29,52 +29,15 @@ use tracing::{debug, info, warn};
 /// `(st_dev, st_ino)` as `stat(2)` gives them (the inventory's key).
 pub type FileKey = (u64, u64);
 
-/// The tracepoint the kernel program reads, and the field offsets it uses.
-const FORMAT: &str = "/sys/kernel/tracing/events/filelock/leases_conflict/format";
-const FIELDS: &[(&str, u32)] = &[("lease", 8), ("l_fl_flags", 24), ("b_fl_type", 33)];
-
 /// Why the lease sensor cannot run on this node.
 pub fn unavailable(lease_file_offset: u32) -> Option<String> {
     if lease_file_offset == 0 {
         return Some("kernel BTF has neither file_lease.c.flc_file nor file_lock.fl_file".into());
     }
     match std::fs::read_to_string("/proc/sys/fs/leases-enable") {
-        Ok(s) if s.trim() == "0" => return Some("fs.leases-enable is 0".into()),
-        _ => {}
+        Ok(s) if s.trim() == "0" => Some("fs.leases-enable is 0".into()),
+        _ => None,
     }
-    let format = match std::fs::read_to_string(FORMAT).or_else(|_| {
-        std::fs::read_to_string(FORMAT.replace("/sys/kernel/tracing", "/sys/kernel/debug/tracing"))
-    }) {
-        Ok(f) => f,
-        Err(e) => return Some(format!("{FORMAT}: {e}")),
-    };
-    for (name, offset) in FIELDS {
-        if field_offset(&format, name) != Some(*offset) {
-            return Some(format!(
-                "{FORMAT}: field {name} is not at offset {offset} (the kernel program reads it there)"
-            ));
-        }
-    }
-    None
-}
-
-/// Offset of `name` in a tracepoint format file
-/// (`field:void * lease;\toffset:8;\tsize:8;\tsigned:0;`).
-fn field_offset(format: &str, name: &str) -> Option<u32> {
-    format.lines().find_map(|l| {
-        let decl = l.trim().strip_prefix("field:")?;
-        let (decl, rest) = decl.split_once(';')?;
-        let ident = decl
-            .rsplit(|c: char| c.is_whitespace() || c == '*')
-            .next()?;
-        if ident != name {
-            return None;
-        }
-        rest.split(';')
-            .find_map(|p| p.trim().strip_prefix("offset:"))?
-            .parse()
-            .ok()
-    })
 }
 
 struct Lease {
@@ -194,15 +157,6 @@ impl Leases {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn reads_offsets_from_a_format_file() {
-        let f = "name: leases_conflict\nformat:\n\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;\n\n\tfield:void * lease;\toffset:8;\tsize:8;\tsigned:0;\n\tfield:unsigned int l_fl_flags;\toffset:24;\tsize:4;\tsigned:0;\n\tfield:unsigned char b_fl_type;\toffset:33;\tsize:1;\tsigned:0;\n";
-        assert_eq!(field_offset(f, "lease"), Some(8));
-        assert_eq!(field_offset(f, "l_fl_flags"), Some(24));
-        assert_eq!(field_offset(f, "b_fl_type"), Some(33));
-        assert_eq!(field_offset(f, "breaker"), None);
-    }
 
     /// Privileged: a lease on a tmpfs file, broken by a writer and released.
     #[test]

@@ -68,7 +68,7 @@ pub struct SensorConfig {
     /// when the fanotify sensor sees credential opens instead: any syscall
     /// tracepoint slows every syscall of every task.
     pub open_tracepoints: bool,
-    /// Attach `filelock:leases_conflict` (the lease sensor): credential
+    /// Attach raw_tp `leases_conflict` (the lease sensor): credential
     /// opens seen through the read leases the daemon holds on them.
     pub lease_tracepoint: bool,
     /// Deny rules will be written (`--deny-cgroup`); without, the egress
@@ -438,14 +438,15 @@ impl Sensors {
                 attach_tp(&mut ebpf, "syscalls", name)?;
             }
         }
-        if cfg.lease_tracepoint {
-            attach_tp(&mut ebpf, "filelock", "leases_conflict")?;
-        }
         attach_tp(&mut ebpf, "sched", "sched_process_exec")?;
         attach_tp(&mut ebpf, "cgroup", "cgroup_mkdir")?;
         attach_tp(&mut ebpf, "cgroup", "cgroup_rmdir")?;
 
-        for name in ["sched_process_fork", "sched_process_exit"] {
+        let mut raw = vec!["sched_process_fork", "sched_process_exit"];
+        if cfg.lease_tracepoint {
+            raw.push("leases_conflict");
+        }
+        for name in raw {
             attached.push(format!("raw_tracepoint/{name}"));
             if pinned(name) {
                 continue;
