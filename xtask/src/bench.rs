@@ -280,7 +280,11 @@ struct Env {
 }
 
 /// Loopback listener in this process: accepts and drops connections.
-fn start_listener() -> Result<SocketAddrV4> {
+/// A loopback TCP listener that accepts and closes. With `workload_cpu`,
+/// its thread stays off that CPU: woken by every connect, it would preempt
+/// the workload at random points (inside the connect hook too, which then
+/// counts the listener's time as the program's).
+fn start_listener(workload_cpu: Option<usize>) -> Result<SocketAddrV4> {
     let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("binding 127.0.0.1:0")?;
     // A deep accept queue, so a burst never drops a SYN (a 1 s retransmit
     // would dwarf what we measure). Re-calling listen() updates the backlog.
@@ -292,9 +296,14 @@ fn start_listener() -> Result<SocketAddrV4> {
     };
     std::thread::Builder::new()
         .name("bench-accept".into())
-        .spawn(move || loop {
-            if let Ok((s, _)) = l.accept() {
-                drop(s);
+        .spawn(move || {
+            if let Some(w) = workload_cpu {
+                let _ = crate::worker::pin_except(w);
+            }
+            loop {
+                if let Ok((s, _)) = l.accept() {
+                    drop(s);
+                }
             }
         })?;
     Ok(addr)
@@ -753,23 +762,25 @@ pub fn bench(args: BenchArgs) -> Result<ExitCode> {
     std::fs::write(&plain, "bench: an ordinary file\n")?;
     std::fs::write(&cred, "bench-placeholder-not-a-real-token\n")?;
     std::fs::create_dir_all(&kubelet)?;
+    // The last CPU: the workload always runs on the same one, the daemon
+    // (and everything else) wherever the scheduler puts it, and the
+    // loopback listener off it.
+    let workload_cpu = (!args.no_pin)
+        .then(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        })
+        .filter(|n| *n >= 2)
+        .map(|n| n - 1);
     let env = Env {
         dir: dir.clone(),
         plain,
         cred,
         kubelet,
-        listen: start_listener()?,
+        listen: start_listener(workload_cpu)?,
         worker: std::env::current_exe().context("current_exe")?,
-        // The last CPU: the workload always runs on the same one, the
-        // daemon (and everything else) wherever the scheduler puts it.
-        cpu: (!args.no_pin)
-            .then(|| {
-                std::thread::available_parallelism()
-                    .map(|n| n.get())
-                    .unwrap_or(1)
-            })
-            .filter(|n| *n >= 2)
-            .map(|n| n - 1),
+        cpu: workload_cpu,
         // A private copy: others may rebuild target/release/detector while
         // the bench runs; every round must start the same binary.
         detector: {
@@ -1062,8 +1073,10 @@ interquartile range and the minimum of those per-round ratios (the spread the sh
     larger share of the time; (e') the same by a credential holder;
   - (d) `fork` + `execve("/bin/true")` + `waitpid`.
 - **Pinning** — every workload process is pinned to the last CPU (`sched_setaffinity`, unless
-  `--no-pin`); the daemon, bpftrace and the bench's loopback listener run wherever the scheduler puts
-  them (on this 2-CPU machine, mostly on the other CPU).
+  `--no-pin`) and the bench's loopback listener thread to the others: woken by every connect, it would
+  otherwise preempt the workload at random points, inside the connect hook too (where the kernel's
+  per-program statistics then count its time as the program's). The daemon and bpftrace run wherever
+  the scheduler puts them (on this 2-CPU machine, mostly on the other CPU).
 - **Configurations**:
   - `none` — nothing of ours attached;
   - `detector` (tracepoints) — `target/release/detector run --open-sensor tracepoint --credential-file <file>
@@ -1152,7 +1165,7 @@ outside the program (the syscall slow path taken by every syscall of every task)
         bt_prog = bpftrace_program(),
         pinning = match env.cpu {
             Some(c) =>
-                format!("workload processes pinned to CPU {c}, the daemon and bpftrace not pinned"),
+                format!("workload processes pinned to CPU {c}, the loopback listener off it, the daemon and bpftrace not pinned"),
             None => "nothing pinned".to_string(),
         },
         det_cpu_line = det_cpu_line,

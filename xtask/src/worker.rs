@@ -62,6 +62,25 @@ fn pin(cpu: usize) -> Result<()> {
     Ok(())
 }
 
+/// sched_setaffinity(0, every CPU but `cpu`) (the calling thread only).
+pub fn pin_except(cpu: usize) -> Result<()> {
+    let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // SAFETY: as in `pin`.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        for c in (0..n).filter(|c| *c != cpu) {
+            libc::CPU_SET(c, &mut set);
+        }
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            bail!(
+                "sched_setaffinity(all but cpu {cpu}): {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+    Ok(())
+}
+
 fn cstring(p: &std::path::Path) -> Result<CString> {
     CString::new(p.as_os_str().as_bytes()).context("path contains NUL")
 }
