@@ -37,6 +37,26 @@ fn accesses_of(d: &Daemon, pid: u32) -> Vec<Value> {
         .collect()
 }
 
+/// `sh -c script` in `cg`, run until it prints its first line; it then
+/// waits on its stdin (`read x`), which the caller closes to end it.
+fn shell_until_line(cg: &TestCgroup, script: &str) -> (std::process::Child, String) {
+    let mut sh = cg
+        .command("/bin/sh")
+        .arg("-c")
+        .arg(script)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(sh.stdout.as_mut().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    (sh, line)
+}
+
 /// A credential on a tmpfs with a hardlink, a symlink and a bind mount of it.
 struct CredFixture {
     fs: Tmpfs,
@@ -411,20 +431,7 @@ fn a_readers_parent_in_the_same_cgroup_is_a_holder(sensor: Sensor) {
     let cg = TestCgroup::new("parent");
     let d = sensor.start(&["--credential-file", &fx.token]);
     let daemon_pid = d.child.id();
-    let mut sh = cg
-        .command("/bin/sh")
-        .arg("-c")
-        .arg(format!("T=$(cat {}); echo $$; read x", fx.token))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(sh.stdout.as_mut().unwrap()),
-        &mut line,
-    )
-    .unwrap();
+    let (mut sh, line) = shell_until_line(&cg, &format!("T=$(cat {}); echo $$; read x", fx.token));
     let shell: u32 = line.trim().parse().unwrap();
     let h = kernel::holders_of(daemon_pid);
     let entry = h.get(&shell).unwrap_or_else(|| {
@@ -668,20 +675,8 @@ fn a_writer_breaks_the_lease_briefly_and_reads_are_seen_again_after() {
         .unwrap_or_else(|| panic!("no lease held; log:\n{}", d.log()));
 
     let started = std::time::Instant::now();
-    let mut w = cg
-        .command("/bin/sh")
-        .arg("-c")
-        .arg(format!("exec 3>>{}; echo opened; read x", fx.token))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(w.stdout.as_mut().unwrap()),
-        &mut line,
-    )
-    .unwrap();
+    let (mut w, line) =
+        shell_until_line(&cg, &format!("exec 3>>{}; echo opened; read x", fx.token));
     assert_eq!(line.trim(), "opened");
     let waited = started.elapsed();
     // The kernel would hold the writer for lease-break-time (45 s).

@@ -282,7 +282,7 @@ fn rec() -> impl Strategy<Value = Rec> {
             ),
             (
                 any::<u32>(),
-                small::<u16>(1..=6),
+                small::<u16>(1..=7),
                 any::<i32>(),
                 cbuf(COMM_LEN)
             ),
@@ -389,7 +389,7 @@ fn c_text(b: &[u8]) -> String {
 fn expected(r: &Rec) -> Result<(), DecodeError> {
     let bad = |field: &'static str, value: u64| Err(DecodeError::BadValue { field, value });
     match r {
-        Rec::Access { route, .. } if !(1..=6).contains(route) => bad("route", (*route).into()),
+        Rec::Access { route, .. } if !(1..=7).contains(route) => bad("route", (*route).into()),
         Rec::Connect { family, .. } if *family != 2 && *family != 10 => {
             bad("family", (*family).into())
         }
@@ -435,6 +435,7 @@ fn check_fields(r: &Rec, h: &Head, ev: &Event) -> Result<(), TestCaseError> {
                 "creat",
                 "open_by_handle_at",
                 "pidfd_getfd",
+                "open_any",
             ];
             check!(
                 (e.ppid, e.uid, e.gid, e.credential_id, e.dev, e.ino, e.fd)
