@@ -259,17 +259,20 @@ unsafe fn file_identity(off: &KernelOffsets, fd: u64) -> Result<(*const u8, Cred
     }
     let fd_array: *const *const u8 = read_at(fdt, off.fdtable_fd)?;
     let file: *const u8 = bpf_probe_read_kernel(fd_array.wrapping_add(fd as usize))?;
+    Ok((file, file_key(off, file)?))
+}
+
+/// file -> inode -> (dev, ino).
+#[inline(always)]
+unsafe fn file_key(off: &KernelOffsets, file: *const u8) -> Result<CredentialKey, i64> {
     let inode: *const u8 = read_at(file, off.file_f_inode)?;
     let ino: u64 = read_at(inode, off.inode_i_ino)?;
     let sb: *const u8 = read_at(inode, off.inode_i_sb)?;
     let dev: u32 = read_at(sb, off.super_block_s_dev)?;
-    Ok((
-        file,
-        CredentialKey {
-            dev: dev as u64,
-            ino,
-        },
-    ))
+    Ok(CredentialKey {
+        dev: dev as u64,
+        ino,
+    })
 }
 
 /// `TOKEN=$(cat token); curl …`: the reader hands the credential to its
@@ -351,8 +354,9 @@ fn credential_opened(
     // A re-read by a holder of this very credential changes nothing here
     // (its parent was looked at on its first read): one lookup instead of
     // an LRU update and the parent walk on every re-open.
-    let known = unsafe { HOLDERS.get(&hdr.tgid) }.is_some_and(|h| h.credential_id == info.id);
-    if f_mode & FMODE_READ != 0 && !known {
+    if f_mode & FMODE_READ != 0
+        && !unsafe { HOLDERS.get(&hdr.tgid) }.is_some_and(|h| h.credential_id == info.id)
+    {
         hdr.cgroup_id = unsafe { bpf_get_current_cgroup_id() };
         let holder = Holder {
             credential_id: info.id,
@@ -484,26 +488,10 @@ pub fn leases_conflict(ctx: RawTracePointContext) -> i32 {
     let Ok(breaker_type) = (unsafe { read_at::<u8>(breaker, off.lease_type) }) else {
         return 0;
     };
-    let key = unsafe {
-        let Ok(file) = read_at::<*const u8>(lease, off.lease_file) else {
-            return 0;
-        };
-        let Ok(inode) = read_at::<*const u8>(file, off.file_f_inode) else {
-            return 0;
-        };
-        let (Ok(ino), Ok(sb)) = (
-            read_at::<u64>(inode, off.inode_i_ino),
-            read_at::<*const u8>(inode, off.inode_i_sb),
-        ) else {
-            return 0;
-        };
-        let Ok(dev) = read_at::<u32>(sb, off.super_block_s_dev) else {
-            return 0;
-        };
-        CredentialKey {
-            dev: dev as u64,
-            ino,
-        }
+    let Ok(key) = (unsafe {
+        read_at::<*const u8>(lease, off.lease_file).and_then(|file| file_key(&off, file))
+    }) else {
+        return 0;
     };
     let Some(info) = (unsafe { CREDENTIALS.get(&key) }).copied() else {
         return 0;

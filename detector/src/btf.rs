@@ -322,6 +322,7 @@ impl Btf {
 
     /// Every offset the kernel programs need.
     pub fn kernel_offsets(&self) -> Result<KernelOffsets, BtfError> {
+        let (lease_file, lease_type) = self.lease_offsets();
         Ok(KernelOffsets {
             task_pid: self.field_offset("task_struct", "pid", 4)?,
             task_tgid: self.field_offset("task_struct", "tgid", 4)?,
@@ -339,8 +340,8 @@ impl Btf {
             css_set_dfl_cgrp: self.field_offset("css_set", "dfl_cgrp", 8)?,
             cgroup_kn: self.field_offset("cgroup", "kn", 8)?,
             kernfs_node_id: self.field_offset("kernfs_node", "id", 8)?,
-            lease_file: self.lease_offsets().0,
-            lease_type: self.lease_offsets().1,
+            lease_file,
+            lease_type,
             _pad: 0,
             // x86_64 only: the pt_regs layout the kernel program reads.
             task_stack: if cfg!(target_arch = "x86_64") {

@@ -583,6 +583,7 @@ pub async fn run(settings: RunSettings) -> Result<()> {
     )?;
     let mut open_sensor = start_open_sensor(
         fanotify_group,
+        lease_sensor,
         &mut sensors,
         &cgroup_root,
         settings.credential_dedup_ms,
@@ -871,17 +872,14 @@ async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
 /// on its own thread and writes holders into the kernel's HOLDERS map.
 fn start_open_sensor(
     group: Option<fanotify::Group>,
+    lease_sensor: bool,
     sensors: &mut Sensors,
     cgroup_root: &Path,
     credential_dedup_ms: u64,
     metrics: &Metrics,
 ) -> Result<Option<fanotify::FanotifySensor>> {
     let Some(group) = group else {
-        if sensors
-            .attached
-            .iter()
-            .any(|p| p.ends_with("/leases_conflict"))
-        {
+        if lease_sensor {
             info!("credential opens: read leases on the credential files (filelock:leases_conflict; no syscall tracepoint attached)");
         } else {
             info!("credential opens: open-family syscall tracepoints");

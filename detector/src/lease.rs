@@ -14,7 +14,7 @@
 //! Until then, opens of that one file are not seen (counted in `waiting`).
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     fs::File,
     io,
     os::{
@@ -50,17 +50,14 @@ struct Lease {
 #[derive(Default)]
 pub struct Leases {
     files: HashMap<FileKey, Lease>,
-    /// Files that cannot carry a lease at all (filesystem without lease
-    /// support): warned about once each.
-    refused: usize,
+    /// Credentials that cannot carry a lease (cannot be opened, or their
+    /// filesystem takes no lease): warned about once each.
+    refused: HashSet<FileKey>,
 }
-
-const F_SETLEASE: libc::c_int = 1024;
-const F_GETLEASE: libc::c_int = 1025;
 
 fn set_lease(f: &File, kind: libc::c_int) -> io::Result<()> {
     // SAFETY: fcntl on a descriptor we own; no pointers.
-    if unsafe { libc::fcntl(f.as_raw_fd(), F_SETLEASE, kind) } == 0 {
+    if unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETLEASE, kind) } == 0 {
         Ok(())
     } else {
         Err(io::Error::last_os_error())
@@ -70,7 +67,7 @@ fn set_lease(f: &File, kind: libc::c_int) -> io::Result<()> {
 impl Leases {
     /// Takes a read lease on the credential `key` at `path` (idempotent).
     pub fn add(&mut self, key: FileKey, path: &Path) {
-        if self.files.contains_key(&key) {
+        if self.files.contains_key(&key) || self.refused.contains(&key) {
             return;
         }
         // O_NONBLOCK: never wait on somebody else's lease. Not O_NOFOLLOW:
@@ -81,8 +78,10 @@ impl Leases {
             .open(path)
         {
             Ok(f) => f,
+            // Gone already: the inventory reports its removal next.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return,
             Err(e) => {
-                debug!(path = %path.display(), error = %e, "cannot open credential for its lease");
+                self.refuse(key, path, &e);
                 return;
             }
         };
@@ -96,8 +95,7 @@ impl Leases {
             Ok(()) => true,
             Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => false,
             Err(e) => {
-                self.refused += 1;
-                warn!(path = %path.display(), error = %e, "cannot lease this credential file: its opens are not seen by the lease sensor");
+                self.refuse(key, path, &e);
                 return;
             }
         };
@@ -114,9 +112,15 @@ impl Leases {
         );
     }
 
+    fn refuse(&mut self, key: FileKey, path: &Path, e: &io::Error) {
+        warn!(path = %path.display(), error = %e, "cannot lease this credential file: its opens are not seen by the lease sensor");
+        self.refused.insert(key);
+    }
+
     /// Drops the lease of a credential that is gone (closing the file ends it).
     pub fn remove(&mut self, key: FileKey) {
         self.files.remove(&key);
+        self.refused.remove(&key);
     }
 
     /// After SIGIO: give up every lease a writer is breaking, so the writer
@@ -125,7 +129,7 @@ impl Leases {
         let mut released = 0;
         for l in self.files.values_mut().filter(|l| l.held) {
             // SAFETY: fcntl on a descriptor we own; no pointers.
-            let now = unsafe { libc::fcntl(l.file.as_raw_fd(), F_GETLEASE) };
+            let now = unsafe { libc::fcntl(l.file.as_raw_fd(), libc::F_GETLEASE) };
             if now == libc::F_RDLCK as libc::c_int {
                 continue;
             }
@@ -150,7 +154,7 @@ impl Leases {
     /// (leased, waiting for a writer to close, refused).
     pub fn counts(&self) -> (usize, usize, usize) {
         let held = self.files.values().filter(|l| l.held).count();
-        (held, self.files.len() - held, self.refused)
+        (held, self.files.len() - held, self.refused.len())
     }
 }
 

@@ -37,24 +37,28 @@ fn accesses_of(d: &Daemon, pid: u32) -> Vec<Value> {
         .collect()
 }
 
-/// `sh -c script` in `cg`, run until it prints its first line; it then
-/// waits on its stdin (`read x`), which the caller closes to end it.
-fn shell_until_line(cg: &TestCgroup, script: &str) -> (std::process::Child, String) {
-    let mut sh = cg
-        .command("/bin/sh")
-        .arg("-c")
-        .arg(script)
+/// Starts `cmd` with piped stdin and stdout and waits for its first line;
+/// the child then waits on its stdin, which the caller closes to end it.
+fn until_first_line(mut cmd: Command) -> (std::process::Child, String) {
+    let mut child = cmd
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
     let mut line = String::new();
     std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(sh.stdout.as_mut().unwrap()),
+        &mut std::io::BufReader::new(child.stdout.as_mut().unwrap()),
         &mut line,
     )
     .unwrap();
-    (sh, line)
+    (child, line)
+}
+
+/// `sh -c script` in `cg`, up to its first line (see `until_first_line`).
+fn shell_until_line(cg: &TestCgroup, script: &str) -> (std::process::Child, String) {
+    let mut cmd = cg.command("/bin/sh");
+    cmd.arg("-c").arg(script);
+    until_first_line(cmd)
 }
 
 /// A credential on a tmpfs with a hardlink, a symlink and a bind mount of it.
@@ -342,19 +346,9 @@ fn a_forked_child_of_a_holder_is_a_holder_and_exit_cleans_up(sensor: Sensor) {
     let d = sensor.start(&["--credential-file", &fx.token]);
     let daemon_pid = d.child.id();
 
-    let mut child = cg
-        .command(PROBE)
-        .args(["hold-fork", &fx.token])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(child.stdout.as_mut().unwrap()),
-        &mut line,
-    )
-    .unwrap();
+    let mut cmd = cg.command(PROBE);
+    cmd.args(["hold-fork", &fx.token]);
+    let (mut child, line) = until_first_line(cmd);
     let pids: Vec<u32> = line
         .split_whitespace()
         .filter_map(|w| w.split('=').nth(1)?.parse().ok())

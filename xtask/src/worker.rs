@@ -47,35 +47,25 @@ pub struct WorkerArgs {
 
 /// sched_setaffinity(0, {cpu}).
 fn pin(cpu: usize) -> Result<()> {
-    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET bounds-checks
-    // against the set size.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
-            bail!(
-                "sched_setaffinity(cpu {cpu}): {}",
-                std::io::Error::last_os_error()
-            );
-        }
-    }
-    Ok(())
+    set_affinity(std::iter::once(cpu)).with_context(|| format!("cpu {cpu}"))
 }
 
 /// sched_setaffinity(0, every CPU but `cpu`) (the calling thread only).
 pub fn pin_except(cpu: usize) -> Result<()> {
     let n = std::thread::available_parallelism().map_or(1, |n| n.get());
-    // SAFETY: as in `pin`.
+    set_affinity((0..n).filter(|c| *c != cpu)).with_context(|| format!("all but cpu {cpu}"))
+}
+
+fn set_affinity(cpus: impl Iterator<Item = usize>) -> Result<()> {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET bounds-checks
+    // against the set size.
     unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
-        for c in (0..n).filter(|c| *c != cpu) {
+        for c in cpus {
             libc::CPU_SET(c, &mut set);
         }
         if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
-            bail!(
-                "sched_setaffinity(all but cpu {cpu}): {}",
-                std::io::Error::last_os_error()
-            );
+            bail!("sched_setaffinity: {}", std::io::Error::last_os_error());
         }
     }
     Ok(())
