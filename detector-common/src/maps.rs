@@ -132,12 +132,11 @@ pub struct KernelOffsets {
     pub lease_file: u32,
     /// The breaker's type (F_RDLCK/F_WRLCK), in the same struct.
     pub lease_type: u32,
+    /// 1 when the kernel is x86_64: the lease sensor reads the syscall and
+    /// its open flags from the saved user registers (`struct pt_regs`),
+    /// whose layout is that architecture's. 0 = the syscall is not named.
+    pub regs_x86_64: u32,
     pub _pad: u32,
-    /// `task_struct.stack`, and the kernel stack size: the user registers
-    /// of the current syscall sit at its top (x86_64). The lease sensor
-    /// reads the syscall and its open flags there. 0 = not available.
-    pub task_stack: u32,
-    pub thread_size: u32,
 }
 
 /// Runtime switches for the programs (a read-only global).

@@ -342,14 +342,8 @@ impl Btf {
             kernfs_node_id: self.field_offset("kernfs_node", "id", 8)?,
             lease_file,
             lease_type,
+            regs_x86_64: cfg!(target_arch = "x86_64") as u32,
             _pad: 0,
-            // x86_64 only: the pt_regs layout the kernel program reads.
-            task_stack: if cfg!(target_arch = "x86_64") {
-                self.field_offset("task_struct", "stack", 8).unwrap_or(0)
-            } else {
-                0
-            },
-            thread_size: 16384,
         })
     }
 }
@@ -437,8 +431,6 @@ mod tests {
                 "c is a struct member: {core:?}"
             );
         }
-        if cfg!(target_arch = "x86_64") {
-            assert!(off.task_stack > 0 && off.thread_size == 16384);
-        }
+        assert_eq!(off.regs_x86_64, cfg!(target_arch = "x86_64") as u32);
     }
 }

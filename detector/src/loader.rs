@@ -22,7 +22,7 @@ use aya::{
     maps::{HashMap, LpmTrie, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{
         links::{FdLink, PinnedLink},
-        CgroupAttachMode, CgroupSockAddr, RawTracePoint, TracePoint,
+        BtfTracePoint, CgroupAttachMode, CgroupSockAddr, RawTracePoint, TracePoint,
     },
     Ebpf, EbpfLoader,
 };
@@ -442,11 +442,7 @@ impl Sensors {
         attach_tp(&mut ebpf, "cgroup", "cgroup_mkdir")?;
         attach_tp(&mut ebpf, "cgroup", "cgroup_rmdir")?;
 
-        let mut raw = vec!["sched_process_fork", "sched_process_exit"];
-        if cfg.lease_tracepoint {
-            raw.push("leases_conflict");
-        }
-        for name in raw {
+        for name in ["sched_process_fork", "sched_process_exit"] {
             attached.push(format!("raw_tracepoint/{name}"));
             if pinned(name) {
                 continue;
@@ -461,6 +457,28 @@ impl Sensors {
                 .with_context(|| format!("attaching raw_tp/{name}"))?;
             if links_dir.is_some() {
                 pin(name, prog.take_link(id)?.into())?;
+            }
+        }
+
+        if cfg.lease_tracepoint {
+            // tp_btf: typed arguments, so the program reads kernel structs
+            // with plain loads (see the program).
+            let name = "leases_conflict";
+            attached.push(format!("tp_btf/{name}"));
+            if !pinned(name) {
+                let btf = aya::Btf::from_sys_fs().context("reading the kernel's BTF")?;
+                let prog: &mut BtfTracePoint = ebpf
+                    .program_mut(name)
+                    .ok_or_else(|| anyhow!("program {name} missing"))?
+                    .try_into()?;
+                prog.load(name, &btf)
+                    .with_context(|| format!("loading {name}"))?;
+                let id = prog
+                    .attach()
+                    .with_context(|| format!("attaching tp_btf/{name}"))?;
+                if links_dir.is_some() {
+                    pin(name, prog.take_link(id)?.try_into()?)?;
+                }
             }
         }
 

@@ -172,6 +172,14 @@ fn repeated_reads_are_aggregated_by_the_fanotify_sensor_with_exact_counts() {
     repeated_reads_are_aggregated_with_exact_counts("fanotify");
 }
 
+/// The lease sensor folds re-opens in the kernel as the tracepoints do, and
+/// a task's re-open of the inode it read last on this CPU takes a shorter
+/// path (its per-CPU read cache): same counts.
+#[test]
+fn repeated_reads_are_aggregated_by_the_lease_sensor_with_exact_counts() {
+    repeated_reads_are_aggregated_with_exact_counts("lease");
+}
+
 fn repeated_reads_are_aggregated_with_exact_counts(open_sensor: &str) {
     require_root();
     let fs = Tmpfs::new("agg");
