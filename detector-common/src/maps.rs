@@ -170,7 +170,8 @@ pub struct ProgramConfig {
     /// Non-zero when userspace wrote deny rules (`--deny-cgroup`): only
     /// then do egress programs look them up, and exits clean them up.
     pub deny_rules: u32,
-    pub _pad: u32,
+    /// Possible CPUs: how many per-CPU slots an exit looks through.
+    pub nr_cpus: u32,
 }
 
 /// Value of the per-cgroup, per-CPU event budget (key: cgroup id).

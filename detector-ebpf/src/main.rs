@@ -19,8 +19,9 @@ use aya_ebpf::{
     helpers::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_comm,
         bpf_get_current_pid_tgid, bpf_get_current_task, bpf_get_current_task_btf,
-        bpf_get_current_uid_gid, bpf_ktime_get_boot_ns, bpf_probe_read_kernel,
-        bpf_probe_read_kernel_str_bytes, bpf_probe_read_user, bpf_send_signal, bpf_task_pt_regs,
+        bpf_get_current_uid_gid, bpf_ktime_get_boot_ns, bpf_map_lookup_percpu_elem,
+        bpf_probe_read_kernel, bpf_probe_read_kernel_str_bytes, bpf_probe_read_user,
+        bpf_send_signal, bpf_task_pt_regs,
     },
     macros::{btf_tracepoint, cgroup_sock_addr, map, raw_tracepoint, tracepoint},
     maps::{lpm_trie::Key, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf},
@@ -338,7 +339,7 @@ fn on_fd_returned(ctx: &TracePointContext, route: AccessRoute) -> u32 {
     let Ok(f_mode) = (unsafe { read_at::<u32>(file, off.file_f_mode) }) else {
         return 0;
     };
-    credential_opened(&off, key, info, f_mode, || route, ret as i32);
+    let _ = credential_opened(&off, key, info, f_mode, || route, ret as i32);
     0
 }
 
@@ -352,7 +353,7 @@ fn credential_opened(
     f_mode: u32,
     route: impl FnOnce() -> AccessRoute,
     fd: i32,
-) {
+) -> Option<u64> {
     // The cgroup id is fetched only when needed: not for a folded re-read.
     let mut hdr = header_without_cgroup(EventKind::CredentialAccess);
     // A re-read by a holder of this very credential changes nothing here
@@ -375,6 +376,7 @@ fn credential_opened(
     // reads: a read must never be folded into a write-only open's report
     // (kubelet's, or an evader's), which is not judged as a read.
     let mut repeats = 0;
+    let mut window_start = None;
     let window = config().cred_dedup_ns;
     if window != 0 && f_mode & FMODE_READ != 0 {
         let key = CredSeenKey {
@@ -386,7 +388,7 @@ fn credential_opened(
                 let seen = unsafe { &mut *seen };
                 if hdr.time_ns.wrapping_sub(seen.last_report_ns) < window {
                     seen.suppressed += 1;
-                    return;
+                    return Some(seen.last_report_ns);
                 }
                 repeats = seen.suppressed;
                 seen.suppressed = 0;
@@ -401,16 +403,17 @@ fn credential_opened(
                 let _ = CRED_SEEN.insert(&key, &seen, 0);
             }
         }
+        window_start = Some(hdr.time_ns);
     }
     if hdr.cgroup_id == 0 {
         hdr.cgroup_id = unsafe { bpf_get_current_cgroup_id() };
     }
     if !admit(hdr.cgroup_id, true) {
-        return;
+        return window_start;
     }
     let Some(mut entry) = ALERTS.reserve::<CredentialAccessEvent>(0) else {
         lost(EventKind::CredentialAccess, hdr.cgroup_id, true);
-        return;
+        return window_start;
     };
     let uid_gid = bpf_get_current_uid_gid();
     entry.write(CredentialAccessEvent {
@@ -430,6 +433,7 @@ fn credential_opened(
     });
     entry.submit(0);
     bump(&EMITTED, EventKind::CredentialAccess);
+    window_start
 }
 
 #[tracepoint]
@@ -509,86 +513,138 @@ pub fn leases_conflict(ctx: BtfTracePointContext) -> i32 {
     if read_only {
         // The kernel's own word: read-only. The syscall is looked up only
         // if the open is reported (not for a re-read folded in the kernel).
+        flush_read_cache();
         let route = || syscall_open(&off).map_or(AccessRoute::AnyOpen, |(r, _)| r);
-        credential_opened(&off, key, info, FMODE_READ, route, -1);
-        remember_read(inode, info.id);
+        if let Some(window_start) = credential_opened(&off, key, info, FMODE_READ, route, -1) {
+            remember_read(inode, info.id, window_start);
+        }
     } else {
         // Written to: the syscall's flags say whether it reads too. Not a
         // syscall of the open family (io_uring, exec): it may read, so it
         // counts as a read.
         let (route, mode) = syscall_open(&off).unwrap_or((AccessRoute::AnyOpen, FMODE_READ));
-        credential_opened(&off, key, info, mode | FMODE_WRITE, || route, -1);
+        let _ = credential_opened(&off, key, info, mode | FMODE_WRITE, || route, -1);
     }
     0
 }
 
-/// What `READ_CACHE` holds: this task read this inode (credential
-/// `credential_id`) and was recorded as its holder, until `until_ns`.
+/// What `READ_CACHE` holds: this task (of process `tgid`) read this inode
+/// (credential `credential_id`) and was recorded as its holder; until
+/// `until_ns` (the end of its `CRED_SEEN` window) its re-reads are counted
+/// in `count`, which goes to `CRED_SEEN` when the slot is reused and to the
+/// exit event when the process ends.
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct ReadCache {
     task: u64,
     inode: u64,
     until_ns: u64,
+    tgid: u32,
     credential_id: u32,
+    count: u32,
     _pad: u32,
 }
 
 /// A read-only re-open by the task whose read of the same inode this CPU
-/// saw last, within the aggregation window: count it in `CRED_SEEN` and
-/// stop. The common re-read (client-go every minute, a flood, the bench's
-/// loop) then costs one hash lookup instead of three: the credential map
-/// and `HOLDERS` are skipped, which is sound because the cache is written
-/// only after `credential_opened` recorded this very task as a holder.
-/// The task pointer, not the pid, names the task: a recycled pid is a new
-/// task and misses.
+/// saw last, within that read's aggregation window: counted in this CPU's
+/// slot, with no helper call but the clock and no hash lookup. Sound
+/// because the slot is written only after `credential_opened` recorded
+/// this very task as a holder. The task pointer, not the pid, names the
+/// task: a recycled pid is a new task and misses.
 #[inline(always)]
 fn fold_cached(inode: *const u8) -> bool {
-    let window = config().cred_dedup_ns;
-    if window == 0 {
-        return false;
-    }
-    let Some(c) = READ_CACHE.get_ptr(0) else {
+    let Some(c) = READ_CACHE.get_ptr_mut(0) else {
         return false;
     };
-    let c = unsafe { *c };
-    let now = unsafe { bpf_ktime_get_boot_ns() };
-    if c.inode != inode as u64 || c.task != unsafe { bpf_get_current_task() } || now >= c.until_ns {
+    let c = unsafe { &mut *c };
+    if c.inode != inode as u64
+        || c.task != unsafe { bpf_get_current_task() }
+        || unsafe { bpf_ktime_get_boot_ns() } >= c.until_ns
+    {
         return false;
     }
-    let key = CredSeenKey {
-        tgid: (bpf_get_current_pid_tgid() >> 32) as u32,
-        credential_id: c.credential_id,
-    };
-    let Some(seen) = CRED_SEEN.get_ptr_mut(&key) else {
-        return false;
-    };
-    let seen = unsafe { &mut *seen };
-    if now.wrapping_sub(seen.last_report_ns) >= window {
-        return false;
-    }
-    seen.suppressed += 1;
+    c.count += 1;
     true
 }
 
-/// After a read-only open went through `credential_opened`.
+/// Before the slot is reused: its count joins `CRED_SEEN`, so the next
+/// report (or the exit) carries it.
 #[inline(always)]
-fn remember_read(inode: *const u8, credential_id: u32) {
-    let window = config().cred_dedup_ns;
-    if window == 0 {
+fn flush_read_cache() {
+    let Some(c) = READ_CACHE.get_ptr_mut(0) else {
         return;
+    };
+    let c = unsafe { &mut *c };
+    if c.count != 0 {
+        let key = CredSeenKey {
+            tgid: c.tgid,
+            credential_id: c.credential_id,
+        };
+        match CRED_SEEN.get_ptr_mut(&key) {
+            Some(seen) => unsafe { (*seen).suppressed += c.count },
+            None => {
+                // Evicted meanwhile: a window long past, reported next.
+                let seen = CredSeen {
+                    last_report_ns: 0,
+                    suppressed: c.count,
+                    _pad: 0,
+                };
+                let _ = CRED_SEEN.insert(&key, &seen, 0);
+            }
+        }
     }
+    c.count = 0;
+    c.task = 0;
+}
+
+/// After a read-only open went through `credential_opened`, whose window
+/// started at `window_start`.
+#[inline(always)]
+fn remember_read(inode: *const u8, credential_id: u32, window_start: u64) {
     if let Some(c) = READ_CACHE.get_ptr_mut(0) {
         unsafe {
             *c = ReadCache {
                 task: bpf_get_current_task(),
                 inode: inode as u64,
-                until_ns: bpf_ktime_get_boot_ns().wrapping_add(window),
+                until_ns: window_start.wrapping_add(config().cred_dedup_ns),
+                tgid: (bpf_get_current_pid_tgid() >> 32) as u32,
                 credential_id,
+                count: 0,
                 _pad: 0,
             }
         };
     }
+}
+
+/// At a holder's exit: what the per-CPU slots still count for it (of its
+/// credential `holder`), and the slots freed.
+#[inline(always)]
+fn take_cached_reads(tgid: u32, holder: u32) -> u32 {
+    let cpus = config().nr_cpus;
+    let mut total = 0u32;
+    let mut cpu = 0u32;
+    while cpu < cpus && cpu < 1024 {
+        let key = 0u32;
+        let p = unsafe {
+            bpf_map_lookup_percpu_elem(
+                &READ_CACHE as *const _ as *mut core::ffi::c_void,
+                &key as *const u32 as *const core::ffi::c_void,
+                cpu,
+            )
+        } as *mut ReadCache;
+        if !p.is_null() {
+            let c = unsafe { &mut *p };
+            if c.tgid == tgid && c.task != 0 {
+                if c.credential_id == holder {
+                    total += c.count;
+                }
+                c.count = 0;
+                c.task = 0;
+            }
+        }
+        cpu += 1;
+    }
+    total
 }
 
 /// A direct load of `*(base + off)` from a BTF-typed kernel pointer (tp_btf
@@ -762,6 +818,10 @@ pub fn sched_process_exit(_ctx: RawTracePointContext) -> i32 {
         if let Some(seen) = unsafe { CRED_SEEN.get(&key) } {
             unreported = seen.suppressed;
             let _ = CRED_SEEN.remove(&key);
+        }
+        // Only the lease sensor's program fills the per-CPU slots.
+        if offsets().lease_file != 0 {
+            unreported += take_cached_reads(hdr.tgid, holder);
         }
     }
     // A deny rule names a process, not a pid number that will be reused.

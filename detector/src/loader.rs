@@ -98,6 +98,10 @@ const STATE_MAPS: &[&str] = &[
 /// daemon then starts from fresh maps instead of adopting incompatible ones.
 const MAP_LAYOUT_VERSION: u64 = 1;
 
+/// The most CPUs whose per-CPU read cache an exit looks through (the
+/// verifier walks that loop once per CPU).
+const MAX_CPUS: u32 = 1024;
+
 /// FNV-1a: a stable content hash (std's hasher may change between releases).
 fn fnv(parts: &[&[u8]]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
@@ -345,7 +349,9 @@ impl Sensors {
             budget_bulk: per_window(cfg.cgroup_event_budget),
             budget_urgent: per_window(cfg.cgroup_alert_budget),
             deny_rules: cfg.deny_rules as u32,
-            _pad: 0,
+            nr_cpus: aya::util::nr_cpus()
+                .map_or(MAX_CPUS, |n| n as u32)
+                .min(MAX_CPUS),
         };
         let pins = match &cfg.pin_dir {
             Some(root) => {
@@ -477,7 +483,7 @@ impl Sensors {
                     .attach()
                     .with_context(|| format!("attaching tp_btf/{name}"))?;
                 if links_dir.is_some() {
-                    pin(name, prog.take_link(id)?.try_into()?)?;
+                    pin(name, prog.take_link(id)?.into())?;
                 }
             }
         }

@@ -326,7 +326,7 @@ fn run_case(env: &Env, case: &Case, scale: f64) -> Result<f64> {
         Workload::Connect | Workload::Udp => {
             cmd.args(["--addr", &env.listen.to_string()]);
         }
-        Workload::Exec => {}
+        Workload::Exec | Workload::OpenPair => {}
     }
     if let Some(cpu) = env.cpu {
         cmd.args(["--cpu", &cpu.to_string()]);
@@ -497,6 +497,83 @@ fn start(cfg: Config, env: &Env, round: usize, ready_timeout: Duration) -> Resul
             })
         }
     }
+}
+
+/// Credential open against an ordinary open of a file in the same
+/// directory, interleaved in batches inside one worker (`open-pair`), one
+/// session per configuration per round (rotated). The per-pair ratio
+/// cancels the drift between sessions that blurs the main table; `none`'s
+/// ratio is the control (the two files are not exactly alike), so the
+/// credential open's own cost under a configuration is its ratio / none's.
+fn pair_pass(env: &Env, rounds: usize, scale: f64, ready_timeout: Duration) -> Result<String> {
+    let configs = [
+        Config::None,
+        Config::Detector,
+        Config::DetectorFanotify,
+        Config::DetectorLease,
+    ];
+    let iters = ((100_000.0 * scale).round() as u64).max(1000);
+    let mut ratios = vec![Vec::new(); configs.len()];
+    for round in 0..rounds {
+        let mut order: Vec<usize> = (0..configs.len()).collect();
+        order.rotate_left(round % configs.len());
+        for i in order {
+            let session = start(configs[i], env, 2000 + round, ready_timeout)?;
+            let out = Command::new(&env.worker)
+                .args(["bench-worker", "--workload", "open-pair"])
+                .args(["--iters", &iters.to_string()])
+                .arg("--path")
+                .arg(&env.cred)
+                .arg("--control")
+                .arg(&env.plain)
+                .args(
+                    env.cpu
+                        .map(|c| ["--cpu".to_string(), c.to_string()])
+                        .into_iter()
+                        .flatten(),
+                )
+                .stderr(Stdio::inherit())
+                .output();
+            finish(session);
+            let out = out.context("running bench-worker open-pair")?;
+            if !out.status.success() {
+                bail!("bench-worker open-pair failed: {}", out.status);
+            }
+            let text = String::from_utf8_lossy(&out.stdout);
+            let r: f64 = text
+                .lines()
+                .find_map(|l| l.strip_prefix("pair_ratio="))
+                .and_then(|v| v.trim().parse().ok())
+                .with_context(|| format!("bench-worker printed no pair_ratio: {text:?}"))?;
+            println!(
+                "bench: pair round {}/{rounds} {:<8} credential/ordinary {r:.3}",
+                round + 1,
+                configs[i].name()
+            );
+            ratios[i].push(r);
+        }
+    }
+    let control = median(&ratios[0]);
+    let mut t = String::from(
+        "| Configuration | credential open / ordinary open (median over rounds; min–max) | credential open's cost: ÷ `none`'s |\n|---|---:|---:|\n",
+    );
+    for (i, cfg) in configs.iter().enumerate() {
+        let v = &ratios[i];
+        let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let m = median(v);
+        let _ = writeln!(
+            t,
+            "| {} | {m:.3} ({lo:.3}–{hi:.3}) | {} |",
+            cfg.name(),
+            if i == 0 {
+                "(control)".to_string()
+            } else {
+                format!("**{:.2}×**", m / control)
+            }
+        );
+    }
+    Ok(t)
 }
 
 /// One more session of each detector configuration with the kernel's
@@ -887,6 +964,13 @@ pub fn bench(args: BenchArgs) -> Result<ExitCode> {
             Err(e) => format!("(not measured: {e:#})"),
         }
     };
+    let pair_table = match pair_pass(&env, args.rounds, args.scale, ready_timeout) {
+        Ok(t) => {
+            println!("\n{t}");
+            t
+        }
+        Err(e) => format!("(not measured: {e:#})"),
+    };
     let fanotify_modes = match crate::bench_fanotify::measure(&env.dir, args.scale) {
         Ok(r) => {
             let t = r.markdown();
@@ -1058,6 +1142,21 @@ interquartile range and the minimum of those per-round ratios (the spread the sh
 {table}
 {det_cpu_line}
 
+### Credential open, interleaved with an ordinary open
+
+The machine's speed drifts by more than the effects measured here between the sessions the table above
+compares (the same binary, timed seconds apart, varies by ±10 %). So the credential open is also measured
+against an ordinary open inside one worker process: `open`+`close` of the credential file and of the
+ordinary file in the same directory, in alternating batches of 1000 ({pair_iters} of each), the ratio taken
+per pair of batches and its median reported; one session per configuration per round, {rounds} rounds.
+Under `none` the ratio is the control (two files are never exactly alike). Dividing by it gives what
+watching the file adds to its open. For `fanotify` and `lease`, whose programs do not run on ordinary
+opens (see the bpf_stats table), that is the credential open's cost relative to no detector; the
+tracepoint sensor's program runs on both files, so there it is only the credential-specific part, on
+top of its ordinary-open ratio above.
+
+{pair_table}
+
 ## Method
 
 - **Workloads** — each a bounded loop in a fresh process (`xtask bench-worker`, a debug build; the loop
@@ -1146,6 +1245,7 @@ outside the program (the syscall slow path taken by every syscall of every task)
 ```
 "#,
         rounds = args.rounds,
+        pair_iters = ((100_000.0 * args.scale).round() as u64).max(1000),
         secs = elapsed.as_secs_f64(),
         dirty_note = if dirty.is_empty() || dirty == "?" {
             String::new()

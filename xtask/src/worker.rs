@@ -22,6 +22,11 @@ pub enum Workload {
     Udp,
     /// fork + execve(/bin/true) + waitpid.
     Exec,
+    /// open+close of --path and of --control in alternating batches of
+    /// 1000 (order flipped every pair): the ratio of the two in each pair
+    /// is free of the machine's drift, which on a shared VM is larger than
+    /// the effects measured. Prints `pair_ratio=` (median over pairs) too.
+    OpenPair,
 }
 
 #[derive(Debug, clap::Args)]
@@ -33,6 +38,9 @@ pub struct WorkerArgs {
     /// File to open (open workload).
     #[arg(long)]
     pub path: Option<PathBuf>,
+    /// The other file of the open-pair workload.
+    #[arg(long)]
+    pub control: Option<PathBuf>,
     /// 127.0.0.1:port to connect to (connect workload).
     #[arg(long)]
     pub addr: Option<SocketAddrV4>,
@@ -199,6 +207,14 @@ pub fn worker(args: WorkerArgs) -> Result<ExitCode> {
                 time_loop(warmup, args.iters, || connect_close(&sa))?
             }
         }
+        Workload::OpenPair => {
+            let p = cstring(args.path.as_deref().context("--path is required")?)?;
+            let c = cstring(args.control.as_deref().context("--control is required")?)?;
+            let (ns, control, ratio) = time_pairs(args.iters, &p, &c)?;
+            println!("control_ns_per_op={control:.1}");
+            println!("pair_ratio={ratio:.4}");
+            ns
+        }
         Workload::Exec => {
             let path = CString::new("/bin/true").expect("no NUL");
             let ea = ExecArgs {
@@ -211,6 +227,38 @@ pub fn worker(args: WorkerArgs) -> Result<ExitCode> {
     };
     println!("ns_per_op={ns:.1}");
     Ok(ExitCode::SUCCESS)
+}
+
+/// `iters` opens of each file in batches of 1000, alternating: (mean ns
+/// of `a`, mean ns of `b`, median over batch pairs of a/b).
+fn time_pairs(iters: u64, a: &CString, b: &CString) -> Result<(f64, f64, f64)> {
+    const BATCH: u64 = 1000;
+    let batch = |p: &CString| -> Result<f64> {
+        let start = Instant::now();
+        for _ in 0..BATCH {
+            open_close(p)?;
+        }
+        Ok(start.elapsed().as_nanos() as f64 / BATCH as f64)
+    };
+    batch(a)?;
+    batch(b)?;
+    let pairs = (iters / BATCH).max(1);
+    let (mut sum_a, mut sum_b, mut ratios) = (0.0, 0.0, Vec::new());
+    for i in 0..pairs {
+        let (ta, tb) = if i % 2 == 0 {
+            let ta = batch(a)?;
+            (ta, batch(b)?)
+        } else {
+            let tb = batch(b)?;
+            (batch(a)?, tb)
+        };
+        sum_a += ta;
+        sum_b += tb;
+        ratios.push(ta / tb);
+    }
+    ratios.sort_by(f64::total_cmp);
+    let n = pairs as f64;
+    Ok((sum_a / n, sum_b / n, ratios[ratios.len() / 2]))
 }
 
 fn time_loop(warmup: u64, iters: u64, mut op: impl FnMut() -> Result<()>) -> Result<f64> {
