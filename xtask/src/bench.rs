@@ -277,6 +277,25 @@ struct Env {
     detector: PathBuf,
     /// CPU the workload processes are pinned to.
     cpu: Option<usize>,
+    /// The cgroup every worker moves into first (`--cgroup`): apart from
+    /// this process's, so that no worker's credential read makes the bench
+    /// a holder whose later workers inherit it.
+    workers: crate::bench_correlate::Cgroup,
+}
+
+impl Env {
+    /// `bench-worker --workload W --iters N --cgroup .. [--cpu C]`.
+    fn worker(&self, workload: Workload, iters: u64) -> Command {
+        let mut cmd = Command::new(&self.worker);
+        cmd.args(["bench-worker", "--workload", workload.arg()])
+            .args(["--iters", &iters.to_string()])
+            .arg("--cgroup")
+            .arg(&self.workers.0);
+        if let Some(cpu) = self.cpu {
+            cmd.args(["--cpu", &cpu.to_string()]);
+        }
+        cmd
+    }
 }
 
 /// Loopback listener in this process: accepts and drops connections.
@@ -311,10 +330,7 @@ fn start_listener(workload_cpu: Option<usize>) -> Result<SocketAddrV4> {
 
 fn run_case(env: &Env, case: &Case, scale: f64) -> Result<f64> {
     let iters = ((case.iters as f64 * scale).round() as u64).max(1);
-    let mut cmd = Command::new(&env.worker);
-    cmd.arg("bench-worker")
-        .args(["--workload", &format!("{:?}", case.workload).to_lowercase()])
-        .args(["--iters", &iters.to_string()]);
+    let mut cmd = env.worker(case.workload, iters);
     match case.workload {
         Workload::Open => {
             cmd.arg("--path").arg(if case.credential {
@@ -323,13 +339,10 @@ fn run_case(env: &Env, case: &Case, scale: f64) -> Result<f64> {
                 &env.plain
             });
         }
-        Workload::Connect | Workload::Udp => {
+        Workload::Connect | Workload::Udp | Workload::ConnectPair | Workload::UdpPair => {
             cmd.args(["--addr", &env.listen.to_string()]);
         }
         Workload::Exec | Workload::OpenPair => {}
-    }
-    if let Some(cpu) = env.cpu {
-        cmd.args(["--cpu", &cpu.to_string()]);
     }
     if case.hold {
         cmd.arg("--hold").arg(&env.cred);
@@ -519,19 +532,12 @@ fn pair_pass(env: &Env, rounds: usize, scale: f64, ready_timeout: Duration) -> R
         order.rotate_left(round % configs.len());
         for i in order {
             let session = start(configs[i], env, 2000 + round, ready_timeout)?;
-            let out = Command::new(&env.worker)
-                .args(["bench-worker", "--workload", "open-pair"])
-                .args(["--iters", &iters.to_string()])
+            let out = env
+                .worker(Workload::OpenPair, iters)
                 .arg("--path")
                 .arg(&env.cred)
                 .arg("--control")
                 .arg(&env.plain)
-                .args(
-                    env.cpu
-                        .map(|c| ["--cpu".to_string(), c.to_string()])
-                        .into_iter()
-                        .flatten(),
-                )
                 .stderr(Stdio::inherit())
                 .output();
             finish(session);
@@ -570,6 +576,153 @@ fn pair_pass(env: &Env, rounds: usize, scale: f64, ready_timeout: Duration) -> R
                 "(control)".to_string()
             } else {
                 format!("**{:.2}×**", m / control)
+            }
+        );
+    }
+    Ok(t)
+}
+
+/// The daemon's `connect4` attached and detached between batches of
+/// connects inside one worker (`connect-pair`, `udp-pair`; see
+/// `connect_ab`): the connect's cost free of the drift between sessions,
+/// which on this VM exceeds the effect in the main table. One daemon
+/// (default open sensor) per round; the workloads' order rotates. The A/A
+/// rows toggle nothing: the method's own bias and resolution.
+fn connect_pair_pass(
+    env: &Env,
+    rounds: usize,
+    scale: f64,
+    ready_timeout: Duration,
+) -> Result<String> {
+    struct Row {
+        label: &'static str,
+        workload: Workload,
+        iters: u64,
+        hold: bool,
+        control: bool,
+    }
+    const ROWS: [Row; 6] = [
+        Row {
+            label: "TCP connect: A/A control (nothing attached on either side)",
+            workload: Workload::ConnectPair,
+            iters: 20_000,
+            hold: false,
+            control: true,
+        },
+        Row {
+            label: "TCP connect",
+            workload: Workload::ConnectPair,
+            iters: 20_000,
+            hold: false,
+            control: false,
+        },
+        Row {
+            label: "TCP connect by a credential holder (every connect reported)",
+            workload: Workload::ConnectPair,
+            iters: 20_000,
+            hold: true,
+            control: false,
+        },
+        Row {
+            label: "UDP connect: A/A control",
+            workload: Workload::UdpPair,
+            iters: 100_000,
+            hold: false,
+            control: true,
+        },
+        Row {
+            label: "UDP connect",
+            workload: Workload::UdpPair,
+            iters: 100_000,
+            hold: false,
+            control: false,
+        },
+        Row {
+            label: "UDP connect by a credential holder",
+            workload: Workload::UdpPair,
+            iters: 100_000,
+            hold: true,
+            control: false,
+        },
+    ];
+    // Per row: (pair ratio, ns per op on, ns per op off) per round.
+    let mut got: Vec<Vec<(f64, f64, f64)>> = vec![Vec::new(); ROWS.len()];
+    for round in 0..rounds {
+        let session = start(Config::DetectorFanotify, env, 3000 + round, ready_timeout)?;
+        let Session::Detector { guard, .. } = &session else {
+            unreachable!("a detector configuration")
+        };
+        let pid = guard.pid();
+        let mut order: Vec<usize> = (0..ROWS.len()).collect();
+        order.rotate_left(round % ROWS.len());
+        for i in order {
+            let row = &ROWS[i];
+            let iters = ((row.iters as f64 * scale).round() as u64).max(2000);
+            let mut cmd = env.worker(row.workload, iters);
+            cmd.args(["--addr", &env.listen.to_string()])
+                .args(["--daemon-pid", &pid.to_string()]);
+            if row.hold {
+                cmd.arg("--hold").arg(&env.cred);
+            }
+            if row.control {
+                cmd.arg("--control-only");
+            }
+            let out = cmd.stderr(Stdio::inherit()).output();
+            let out = match out {
+                Ok(o) if o.status.success() => o,
+                Ok(o) => {
+                    finish(session);
+                    bail!("bench-worker {} failed: {}", row.label, o.status);
+                }
+                Err(e) => {
+                    finish(session);
+                    return Err(e).context("running bench-worker");
+                }
+            };
+            let text = String::from_utf8_lossy(&out.stdout);
+            let num = |key: &str| -> Result<f64> {
+                text.lines()
+                    .find_map(|l| l.strip_prefix(key))
+                    .and_then(|v| v.trim().parse().ok())
+                    .with_context(|| format!("bench-worker printed no {key}: {text:?}"))
+            };
+            let r = (
+                num("pair_ratio=")?,
+                num("ns_per_op=")?,
+                num("control_ns_per_op=")?,
+            );
+            println!(
+                "bench: connect A/B round {}/{rounds} {:<60} on/off {:.4}",
+                round + 1,
+                row.label,
+                r.0
+            );
+            got[i].push(r);
+        }
+        finish(session);
+    }
+    let mut t = String::from(
+        "| Workload | with `connect4` / without (median over rounds; min–max) | added per connect (median of on − off) |\n|---|---:|---:|\n",
+    );
+    for (row, v) in ROWS.iter().zip(&got) {
+        let ratios: Vec<f64> = v.iter().map(|r| r.0).collect();
+        let added: Vec<f64> = v.iter().map(|r| r.1 - r.2).collect();
+        let lo = ratios.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = ratios.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let m = median(&ratios);
+        let _ = writeln!(
+            t,
+            "| {} | {} ({lo:.3}–{hi:.3}) | {} |",
+            row.label,
+            if row.control {
+                format!("{m:.3}")
+            } else {
+                format!("**{m:.3}×**")
+            },
+            if row.control {
+                "(control)".to_string()
+            } else {
+                format!("{:.0} ns", median(&added))
             }
         );
     }
@@ -858,6 +1011,7 @@ pub fn bench(args: BenchArgs) -> Result<ExitCode> {
         listen: start_listener(workload_cpu)?,
         worker: std::env::current_exe().context("current_exe")?,
         cpu: workload_cpu,
+        workers: crate::bench_correlate::Cgroup::new("detector-bench-workers")?,
         // A private copy: others may rebuild target/release/detector while
         // the bench runs; every round must start the same binary.
         detector: {
@@ -965,6 +1119,13 @@ pub fn bench(args: BenchArgs) -> Result<ExitCode> {
         }
     };
     let pair_table = match pair_pass(&env, args.rounds, args.scale, ready_timeout) {
+        Ok(t) => {
+            println!("\n{t}");
+            t
+        }
+        Err(e) => format!("(not measured: {e:#})"),
+    };
+    let connect_table = match connect_pair_pass(&env, args.rounds, args.scale, ready_timeout) {
         Ok(t) => {
             println!("\n{t}");
             t
@@ -1157,6 +1318,21 @@ top of its ordinary-open ratio above.
 
 {pair_table}
 
+### Connect, with and without the detector's `connect4`, interleaved
+
+For the same reason, the connect's cost is also measured inside one worker: the bench starts the daemon
+(default open sensor), and the worker copies the daemon's `connect4` program and its root link out of
+the daemon (`pidfd_getfd`), detaches the link, moves itself into a cgroup of its own and attaches the
+very same program, with the daemon's live maps, to that cgroup for one batch of connects and detaches
+it for the next (TCP batches of 500, UDP of 2000, order flipped every pair, 10 untimed connects after
+each switch). When detached, no `connect4` runs at all: the hook's static key is off, as on a machine
+without the detector. The ratio is taken per pair of batches and its median reported; one daemon per
+round, {rounds} rounds. With the default open sensor, `connect4` is the only program of the detector
+that runs on a connect (bpf_stats table above), so this is the detector's whole cost on a connect. The
+A/A rows take the program over but attach it on neither side.
+
+{connect_table}
+
 ## Method
 
 - **Workloads** — each a bounded loop in a fresh process (`xtask bench-worker`, a debug build; the loop
@@ -1176,6 +1352,11 @@ top of its ordinary-open ratio above.
   otherwise preempt the workload at random points, inside the connect hook too (where the kernel's
   per-program statistics then count its time as the program's). The daemon and bpftrace run wherever
   the scheduler puts them (on this 2-CPU machine, mostly on the other CPU).
+- **Cgroup** — every worker first moves itself into a cgroup of its own, apart from the bench process.
+  The detector counts the parent of a credential reader in the same cgroup as a holder too (a shell
+  that runs `cat token`), and a holder's forks inherit the status: before this, the credential-open
+  workload made the bench a holder and every connect workload after it in the session measured a
+  holder's connect (an event per connect), not an ordinary one.
 - **Configurations**:
   - `none` — nothing of ours attached;
   - `detector` (tracepoints) — `target/release/detector run --open-sensor tracepoint --credential-file <file>

@@ -377,9 +377,9 @@ impl Drop for TempDir {
 
 /// A cgroup-v2 directory: its processes killed and the directory removed on
 /// drop.
-struct Cgroup(PathBuf);
+pub(crate) struct Cgroup(pub(crate) PathBuf);
 impl Cgroup {
-    fn new(name: &str) -> Result<Cgroup> {
+    pub(crate) fn new(name: &str) -> Result<Cgroup> {
         let root = cgroup2_root()?;
         let p = root.join(format!("{name}-{}", std::process::id()));
         std::fs::create_dir(&p).with_context(|| format!("mkdir {}", p.display()))?;

@@ -17,6 +17,7 @@ mod bench;
 mod bench_correlate;
 mod bench_fanotify;
 mod bpf_stats;
+mod connect_ab;
 mod demo;
 mod setup;
 mod worker;

@@ -27,6 +27,29 @@ pub enum Workload {
     /// is free of the machine's drift, which on a shared VM is larger than
     /// the effects measured. Prints `pair_ratio=` (median over pairs) too.
     OpenPair,
+    /// TCP connects (as `connect`) in alternating batches with the
+    /// daemon's `connect4` attached and detached (`--daemon-pid`,
+    /// `--cgroup`; see `connect_ab`): `pair_ratio=` is on/off. With
+    /// `--control-only` (or without `--daemon-pid`) nothing is attached:
+    /// the A/A control of the method.
+    ConnectPair,
+    /// The same with UDP connects (as `udp`).
+    UdpPair,
+}
+
+impl Workload {
+    /// The `--workload` value naming it.
+    pub fn arg(self) -> &'static str {
+        match self {
+            Workload::Open => "open",
+            Workload::Connect => "connect",
+            Workload::Udp => "udp",
+            Workload::Exec => "exec",
+            Workload::OpenPair => "open-pair",
+            Workload::ConnectPair => "connect-pair",
+            Workload::UdpPair => "udp-pair",
+        }
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -48,6 +71,20 @@ pub struct WorkerArgs {
     /// credential holder).
     #[arg(long)]
     pub hold: Option<PathBuf>,
+    /// The daemon whose `connect4` the pair workloads toggle.
+    #[arg(long, requires = "cgroup")]
+    pub daemon_pid: Option<u32>,
+    /// A cgroup-v2 directory to move into first, before `--hold`: the
+    /// bench's own process must not share the worker's cgroup, or a
+    /// credential read by the worker makes it a holder too (the detector
+    /// counts a reader's parent in the same cgroup as one), and every
+    /// worker it forks after that inherits the status.
+    #[arg(long)]
+    pub cgroup: Option<PathBuf>,
+    /// Pair workloads: take the daemon's `connect4` over but never attach
+    /// it, so both sides of each pair run without it (the A/A control).
+    #[arg(long, requires = "daemon_pid")]
+    pub control_only: bool,
     /// Pin this worker to one CPU (the bench's daemon may run anywhere).
     #[arg(long)]
     pub cpu: Option<usize>,
@@ -179,6 +216,10 @@ fn fork_exec(a: &ExecArgs) -> Result<()> {
 }
 
 pub fn worker(args: WorkerArgs) -> Result<ExitCode> {
+    if let Some(cg) = &args.cgroup {
+        std::fs::write(cg.join("cgroup.procs"), std::process::id().to_string())
+            .with_context(|| format!("moving into cgroup {}", cg.display()))?;
+    }
     if let Some(cpu) = args.cpu {
         pin(cpu)?;
     }
@@ -191,28 +232,53 @@ pub fn worker(args: WorkerArgs) -> Result<ExitCode> {
             let p = cstring(args.path.as_deref().context("--path is required")?)?;
             time_loop(warmup, args.iters, || open_close(&p))?
         }
-        Workload::Connect | Workload::Udp => {
-            let a = args.addr.context("--addr is required")?;
-            let sa = libc::sockaddr_in {
-                sin_family: libc::AF_INET as libc::sa_family_t,
-                sin_port: a.port().to_be(),
-                sin_addr: libc::in_addr {
-                    s_addr: u32::from(*a.ip()).to_be(),
-                },
-                sin_zero: [0; 8],
-            };
-            if args.workload == Workload::Udp {
-                time_loop(warmup, args.iters, || udp_connect_close(&sa))?
-            } else {
-                time_loop(warmup, args.iters, || connect_close(&sa))?
-            }
+        Workload::Connect => {
+            let sa = sockaddr(&args)?;
+            time_loop(warmup, args.iters, || connect_close(&sa))?
+        }
+        Workload::Udp => {
+            let sa = sockaddr(&args)?;
+            time_loop(warmup, args.iters, || udp_connect_close(&sa))?
         }
         Workload::OpenPair => {
             let p = cstring(args.path.as_deref().context("--path is required")?)?;
             let c = cstring(args.control.as_deref().context("--control is required")?)?;
-            let (ns, control, ratio) = time_pairs(args.iters, &p, &c)?;
-            println!("control_ns_per_op={control:.1}");
-            println!("pair_ratio={ratio:.4}");
+            let (ns, control, ratio) = time_pairs(args.iters, 1000, |first, n| {
+                batch(n, || open_close(if first { &p } else { &c }))
+            })?;
+            print_pairs(control, ratio);
+            ns
+        }
+        Workload::ConnectPair | Workload::UdpPair => {
+            let sa = sockaddr(&args)?;
+            let op: fn(&libc::sockaddr_in) -> Result<()> = if args.workload == Workload::UdpPair {
+                udp_connect_close
+            } else {
+                connect_close
+            };
+            let mut hook = match (args.daemon_pid, &args.cgroup) {
+                (Some(pid), Some(cg)) => Some(crate::connect_ab::Connect4::take_over(pid, cg)?),
+                _ => None,
+            };
+            // ~20 ms batches: long enough to dwarf the toggle, short enough
+            // that the machine does not drift within a pair.
+            let size = if args.workload == Workload::UdpPair {
+                2000
+            } else {
+                500
+            };
+            let (ns, control, ratio) = time_pairs(args.iters, size, |on, n| {
+                if let Some(h) = hook.as_mut() {
+                    h.set(on && !args.control_only)?;
+                }
+                // Untimed: the first connects after a toggle run cold.
+                for _ in 0..10 {
+                    op(&sa)?;
+                }
+                batch(n, || op(&sa))
+            })?;
+            drop(hook);
+            print_pairs(control, ratio);
             ns
         }
         Workload::Exec => {
@@ -229,28 +295,51 @@ pub fn worker(args: WorkerArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// `iters` opens of each file in batches of 1000, alternating: (mean ns
-/// of `a`, mean ns of `b`, median over batch pairs of a/b).
-fn time_pairs(iters: u64, a: &CString, b: &CString) -> Result<(f64, f64, f64)> {
-    const BATCH: u64 = 1000;
-    let batch = |p: &CString| -> Result<f64> {
-        let start = Instant::now();
-        for _ in 0..BATCH {
-            open_close(p)?;
-        }
-        Ok(start.elapsed().as_nanos() as f64 / BATCH as f64)
-    };
-    batch(a)?;
-    batch(b)?;
-    let pairs = (iters / BATCH).max(1);
+fn sockaddr(args: &WorkerArgs) -> Result<libc::sockaddr_in> {
+    let a = args.addr.context("--addr is required")?;
+    Ok(libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: a.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(*a.ip()).to_be(),
+        },
+        sin_zero: [0; 8],
+    })
+}
+
+fn print_pairs(control_ns: f64, ratio: f64) {
+    println!("control_ns_per_op={control_ns:.1}");
+    println!("pair_ratio={ratio:.4}");
+}
+
+/// Mean ns of `n` timed calls of `op`.
+fn batch(n: u64, mut op: impl FnMut() -> Result<()>) -> Result<f64> {
+    let start = Instant::now();
+    for _ in 0..n {
+        op()?;
+    }
+    Ok(start.elapsed().as_nanos() as f64 / n as f64)
+}
+
+/// `iters` operations of each side in alternating batches of `size`
+/// (`run(side_a, n)` times one batch; the order flips every pair, one pair
+/// of warm-up first): (mean ns of a, mean ns of b, median over pairs of a/b).
+fn time_pairs(
+    iters: u64,
+    size: u64,
+    mut run: impl FnMut(bool, u64) -> Result<f64>,
+) -> Result<(f64, f64, f64)> {
+    run(true, size)?;
+    run(false, size)?;
+    let pairs = (iters / size).max(1);
     let (mut sum_a, mut sum_b, mut ratios) = (0.0, 0.0, Vec::new());
     for i in 0..pairs {
         let (ta, tb) = if i % 2 == 0 {
-            let ta = batch(a)?;
-            (ta, batch(b)?)
+            let ta = run(true, size)?;
+            (ta, run(false, size)?)
         } else {
-            let tb = batch(b)?;
-            (batch(a)?, tb)
+            let tb = run(false, size)?;
+            (run(true, size)?, tb)
         };
         sum_a += ta;
         sum_b += tb;
@@ -270,4 +359,18 @@ fn time_loop(warmup: u64, iters: u64, mut op: impl FnMut() -> Result<()>) -> Res
         op()?;
     }
     Ok(start.elapsed().as_nanos() as f64 / iters.max(1) as f64)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::ValueEnum;
+
+    use super::Workload;
+
+    #[test]
+    fn every_workload_is_named_as_clap_parses_it() {
+        for w in Workload::value_variants() {
+            assert_eq!(Workload::from_str(w.arg(), false), Ok(*w));
+        }
+    }
 }
