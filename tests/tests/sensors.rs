@@ -580,6 +580,59 @@ fn connects_are_reported_with_destination_and_cgroup() {
     assert_eq!(l.accepted(), 2);
 }
 
+/// The kernel reports an ordinary (non-holder, allowed) connect once per
+/// process, cgroup and destination per `--connect-dedup-ms` window; the
+/// per-CPU copy of the last entry must answer exactly as the LRU would.
+#[test]
+fn a_repeated_connect_is_reported_once_per_window_per_process_and_destination() {
+    require_root();
+    let cg = TestCgroup::new("dedup");
+    let d = Daemon::start(&["--connect-dedup-ms", "500"]).unwrap();
+    let a = CountingListener::bind("127.0.0.1:0");
+    let b = CountingListener::bind("127.0.0.1:0");
+    let (pa, pb) = (a.addr.port().to_string(), b.addr.port().to_string());
+    // A, then B (the per-CPU copy now holds B), then A again within the
+    // window (answered by the LRU), then A after the window.
+    let (pid, out) = probe(
+        &cg,
+        &[
+            "connect-seq",
+            "127.0.0.1",
+            &format!("{pa}x20"),
+            &format!("{pb}x20"),
+            &format!("{pa}x20"),
+            "+800",
+            &format!("{pa}x3"),
+        ],
+    );
+    ok(&out);
+    // Another process to the same destination has its own entry.
+    let (pid2, out) = probe(&cg, &["connect-seq", "127.0.0.1", &format!("{pa}x5")]);
+    ok(&out);
+    // Both are ordinary events of one ring, drained in order: once the
+    // second process's report is there, so are all of the first's.
+    d.wait_events(WAIT, |e| {
+        e["event"] == "connect" && u(e, "tgid") == pid2 as u64
+    });
+    let events = d.events();
+    let count = |pid: u32, port: &str| {
+        events
+            .iter()
+            .filter(|e| {
+                e["event"] == "connect"
+                    && u(e, "tgid") == pid as u64
+                    && u(e, "port").to_string() == port
+            })
+            .count()
+    };
+    assert_eq!(
+        (count(pid, &pa), count(pid, &pb), count(pid2, &pa)),
+        (2, 1, 1),
+        "reports per (process, destination): A twice (once per window), B once, \
+         the second process once"
+    );
+}
+
 #[test]
 fn a_deny_verdict_blocks_one_cgroup_in_the_kernel_and_not_another() {
     require_root();

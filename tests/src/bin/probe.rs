@@ -268,6 +268,22 @@ fn main() {
             }
             println!("done={n}");
         }
+        "connect-seq" => {
+            // connect-seq IP STEP...: STEP is PORTxN (N connects to PORT,
+            // each closed at once) or +MS (sleep). Bounded by the steps.
+            let ip = a(1);
+            for step in std::env::args().skip(3) {
+                if let Some(ms) = step.strip_prefix('+') {
+                    std::thread::sleep(Duration::from_millis(ms.parse().unwrap()));
+                    continue;
+                }
+                let (port, n) = step.split_once('x').expect("PORTxN");
+                for _ in 0..n.parse::<u32>().unwrap() {
+                    connect_quiet(&ip, port);
+                }
+            }
+            println!("connected");
+        }
         "read-connect" => {
             // The attack: obtain the credential, then use it elsewhere.
             let _ = std::fs::read(a(1)).map_err(|e| {
@@ -288,6 +304,15 @@ fn connect(ip: &str, port: &str) {
             println!("errno={}", e.raw_os_error().unwrap_or(0));
             std::process::exit(3);
         }
+    }
+}
+
+/// `connect` without the "connected" line.
+fn connect_quiet(ip: &str, port: &str) {
+    let addr = SocketAddr::new(ip.parse().unwrap(), port.parse().unwrap());
+    if let Err(e) = TcpStream::connect_timeout(&addr, Duration::from_secs(3)) {
+        println!("errno={}", e.raw_os_error().unwrap_or(0));
+        std::process::exit(3);
     }
 }
 
