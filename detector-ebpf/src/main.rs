@@ -931,6 +931,23 @@ fn policy_for(leaf: u64) -> Option<CgroupPolicy> {
     found
 }
 
+/// The current process's tgid and cgroup-v2 id (`bpf_get_current_cgroup_id`'s
+/// value: `task->cgroups->dfl_cgrp->kn->id`) by direct loads from the BTF
+/// task pointer: on the path every connect of the node takes, two helper
+/// calls fewer (each ~80 ns on this VM, where every return goes through
+/// the SRSO thunk; the task pointer itself is inlined by the JIT).
+#[inline(always)]
+fn current_tgid_and_cgroup(off: &KernelOffsets) -> (u32, u64) {
+    unsafe {
+        let task = bpf_get_current_task_btf() as *const u8;
+        let tgid: u32 = load(task, off.task_tgid);
+        let css: *const u8 = load(task, off.task_cgroups);
+        let cgrp: *const u8 = load(css, off.css_set_dfl_cgrp);
+        let kn: *const u8 = load(cgrp, off.cgroup_kn);
+        (tgid, load(kn, off.kernfs_node_id))
+    }
+}
+
 /// Decide, report and enforce one egress. Returns 1 (allow) or 0 (EPERM).
 #[inline(always)]
 fn on_egress(ctx: &SockAddrContext, hook: EgressHook) -> i32 {
@@ -982,9 +999,7 @@ fn on_egress(ctx: &SockAddrContext, hook: EgressHook) -> i32 {
         }
     }
     let protocol = sa.protocol as u8;
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let tgid = (pid_tgid >> 32) as u32;
-    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    let (tgid, cgroup_id) = current_tgid_and_cgroup(&offsets());
 
     let holder = unsafe { HOLDERS.get(&tgid) }
         .map(|h| h.credential_id)
