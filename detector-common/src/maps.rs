@@ -132,11 +132,13 @@ pub struct KernelOffsets {
     pub lease_file: u32,
     /// The breaker's type (F_RDLCK/F_WRLCK), in the same struct.
     pub lease_type: u32,
+    /// Its `flc_flags` (`fl_flags`): which kind of break (an open's lease
+    /// break, or a delegation break by unlink, rename, link, setattr).
+    pub lease_flags: u32,
     /// 1 when the kernel is x86_64: the lease sensor reads the syscall and
     /// its open flags from the saved user registers (`struct pt_regs`),
     /// whose layout is that architecture's. 0 = the syscall is not named.
     pub regs_x86_64: u32,
-    pub _pad: u32,
 }
 
 /// Runtime switches for the programs (a read-only global).

@@ -494,6 +494,16 @@ pub fn leases_conflict(ctx: BtfTracePointContext) -> i32 {
     }
     let lease: *const u8 = ctx.arg(1);
     let breaker: *const u8 = ctx.arg(2);
+    // Only an open (or truncate) breaks a lease as a lease; unlink, rename,
+    // link and setattr break delegations, and walk our lease too. kubelet
+    // deleting a rotated token is not a read of it. The kinds are compared
+    // with our own lease's flags, not with FL_* values (renumbered in newer
+    // kernels): an open's breaker is a lease like ours, a delegation
+    // break's is not.
+    let kind = |l: *const u8| unsafe { load::<u32>(l, off.lease_flags) };
+    if kind(breaker) & kind(lease) == 0 {
+        return 0;
+    }
     // No check that it is a lease (not an nfsd delegation): only the
     // credential map decides, and it holds only files we leased.
     let (inode, key) = unsafe {

@@ -303,7 +303,7 @@ impl Btf {
 
     /// A lease's `struct file *` and type: `file_lease.c.flc_*` since 6.9,
     /// `file_lock.fl_*` before; zeros (lease sensor unavailable) if neither.
-    fn lease_offsets(&self) -> (u32, u32) {
+    fn lease_offsets(&self) -> (u32, u32, u32) {
         let core = |field: &str, size| {
             self.nested_offset(
                 "file_lease",
@@ -314,15 +314,15 @@ impl Btf {
             )
             .or_else(|_| self.field_offset("file_lock", &format!("fl_{field}"), size))
         };
-        match (core("file", 8), core("type", 1)) {
-            (Ok(file), Ok(kind)) => (file, kind),
-            _ => (0, 0),
+        match (core("file", 8), core("type", 1), core("flags", 4)) {
+            (Ok(file), Ok(kind), Ok(flags)) => (file, kind, flags),
+            _ => (0, 0, 0),
         }
     }
 
     /// Every offset the kernel programs need.
     pub fn kernel_offsets(&self) -> Result<KernelOffsets, BtfError> {
-        let (lease_file, lease_type) = self.lease_offsets();
+        let (lease_file, lease_type, lease_flags) = self.lease_offsets();
         Ok(KernelOffsets {
             task_pid: self.field_offset("task_struct", "pid", 4)?,
             task_tgid: self.field_offset("task_struct", "tgid", 4)?,
@@ -342,8 +342,8 @@ impl Btf {
             kernfs_node_id: self.field_offset("kernfs_node", "id", 8)?,
             lease_file,
             lease_type,
+            lease_flags,
             regs_x86_64: cfg!(target_arch = "x86_64") as u32,
-            _pad: 0,
         })
     }
 }
@@ -421,7 +421,11 @@ mod tests {
         // The lease sensor's: through the named `c` member (6.9+), or the
         // old struct file_lock.
         assert!(
-            off.lease_file > 0 && off.lease_type > 0 && off.lease_file != off.lease_type,
+            off.lease_file > 0
+                && off.lease_type > 0
+                && off.lease_flags > 0
+                && off.lease_file != off.lease_type
+                && off.lease_flags != off.lease_type,
             "{off:?}"
         );
         if btf.structs.contains_key("file_lease") {

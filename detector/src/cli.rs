@@ -154,6 +154,21 @@ pub enum OpenSensor {
     /// the daemon: other opens pay nothing, credential opens a little
     /// (needs CAP_LEASE).
     Lease,
+    /// Lease where the lease is held, fanotify elsewhere: a filesystem or
+    /// inode mark as `fanotify` sets, with every leased inode ignored by
+    /// it, so a rotated token's new inode (before it is leased) and a
+    /// file a writer holds (lease given up) still make their openers wait
+    /// for the daemon. No gap of either; a leased credential's open costs
+    /// the lease check plus the kernel's walk of the marks (needs
+    /// CAP_SYS_ADMIN and CAP_LEASE).
+    Hybrid,
+}
+
+impl OpenSensor {
+    /// Whether this sensor takes read leases.
+    pub fn leases(self) -> bool {
+        matches!(self, OpenSensor::Lease | OpenSensor::Hybrid)
+    }
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum, Deserialize)]

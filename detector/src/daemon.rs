@@ -547,17 +547,16 @@ pub async fn run(settings: RunSettings) -> Result<()> {
         .and_then(|b| b.kernel_offsets())
         .context("reading kernel struct offsets from /sys/kernel/btf/vmlinux (the kernel needs CONFIG_DEBUG_INFO_BTF)")?;
     debug!(?offsets, "kernel offsets");
-    let lease_sensor = settings.open_sensor == crate::cli::OpenSensor::Lease;
+    let lease_sensor = settings.open_sensor.leases();
     if lease_sensor {
         if let Some(why) = crate::lease::unavailable(offsets.lease_file) {
-            anyhow::bail!("--open-sensor lease is not available on this node: {why}");
+            anyhow::bail!(
+                "--open-sensor {:?} is not available on this node: {why}",
+                settings.open_sensor
+            );
         }
     }
-    let fanotify_group = if lease_sensor {
-        None
-    } else {
-        fanotify::select(settings.open_sensor)?
-    };
+    let fanotify_group = fanotify::select(settings.open_sensor)?;
     // A broken lease is signalled with SIGIO, whose default action ends the
     // process: take it before the first lease.
     let mut sigio = if lease_sensor {
@@ -565,7 +564,6 @@ pub async fn run(settings: RunSettings) -> Result<()> {
     } else {
         None
     };
-    let mut leases = crate::lease::Leases::default();
     let (mut sensors, rings) = Sensors::load(
         offsets,
         &SensorConfig {
@@ -589,6 +587,11 @@ pub async fn run(settings: RunSettings) -> Result<()> {
         settings.credential_dedup_ms,
         &metrics,
     )?;
+    // Hybrid: the fanotify group stops asking about an inode once it is leased.
+    let mut leases = match open_sensor.as_ref().filter(|_| lease_sensor) {
+        Some(s) => crate::lease::Leases::with_fanotify(s.ignorer()),
+        None => crate::lease::Leases::default(),
+    };
     metrics.probes_attached.set(sensors.attached.len() as i64);
     info!(programs = sensors.attached.len(), cgroup_root = %cgroup_root.display(), mode = ?settings.mode, "kernel programs attached");
 
@@ -747,16 +750,18 @@ pub async fn run(settings: RunSettings) -> Result<()> {
                 if let Some(s) = open_sensor.as_mut() {
                     s.drain_discovered(&mut pipeline.credentials, &mut sensors.maps.credentials);
                 }
-                if lease_sensor {
-                    match &update {
-                        InventoryUpdate::Upsert(f) => leases.add(f.key(), &f.path),
-                        InventoryUpdate::Remove(f) => leases.remove(f.key()),
-                        InventoryUpdate::Synced => {}
-                    }
-                }
+                let lease_update = lease_sensor.then(|| update.clone());
                 let synced = pipeline.apply_inventory(&mut sensors, update);
                 if let (Some(s), Some(u)) = (open_sensor.as_mut(), for_fanotify) {
                     s.apply_inventory(&u, &mut pipeline.credentials, &mut sensors.maps.credentials);
+                }
+                // After the kernel's credential map has the file: a lease
+                // taken before would let the kernel program see opens it
+                // cannot name yet (and, hybrid, take them from fanotify).
+                match &lease_update {
+                    Some(InventoryUpdate::Upsert(f)) => leases.add(f.key(), &f.path),
+                    Some(InventoryUpdate::Remove(f)) => leases.remove(f.key()),
+                    _ => {}
                 }
                 if synced {
                     holding_rings = false;
@@ -902,7 +907,11 @@ fn start_open_sensor(
     )?;
     sensors.attached.push("fanotify/FAN_OPEN_PERM".into());
     metrics.probes_attached.set(sensors.attached.len() as i64);
-    info!("credential opens: fanotify permission events (no syscall tracepoint attached)");
+    if lease_sensor {
+        info!("credential opens: read leases where held (filelock:leases_conflict), fanotify permission events elsewhere (no syscall tracepoint attached)");
+    } else {
+        info!("credential opens: fanotify permission events (no syscall tracepoint attached)");
+    }
     Ok(Some(s))
 }
 

@@ -53,6 +53,9 @@ pub struct Leases {
     /// Credentials that cannot carry a lease (cannot be opened, or their
     /// filesystem takes no lease): warned about once each.
     refused: HashSet<FileKey>,
+    /// `--open-sensor hybrid`: the fanotify group that sees every credential
+    /// open this sensor does not, told which inodes are leased.
+    fanotify: Option<crate::fanotify::Ignorer>,
 }
 
 fn set_lease(f: &File, kind: libc::c_int) -> io::Result<()> {
@@ -64,7 +67,30 @@ fn set_lease(f: &File, kind: libc::c_int) -> io::Result<()> {
     }
 }
 
+impl Lease {
+    /// The lease is in place (`true`) or given up: the fanotify group, if
+    /// any, ignores the inode only while it is. The lease is taken before
+    /// the ignore mark goes on and given up after it is off, so between
+    /// the two both sensors see an open (the second report folds into the
+    /// first as a repeat) and neither ever misses one.
+    fn fanotify_ignores(&self, fanotify: Option<&crate::fanotify::Ignorer>, ignored: bool) {
+        if let Some(f) = fanotify {
+            if let Err(e) = f.set(&self.file, ignored) {
+                warn!(path = %self.path.display(), error = %e, ignored, "cannot change the fanotify ignore mark of a leased credential");
+            }
+        }
+    }
+}
+
 impl Leases {
+    /// Leases whose inodes `fanotify` ignores while leased (hybrid sensor).
+    pub fn with_fanotify(fanotify: crate::fanotify::Ignorer) -> Leases {
+        Leases {
+            fanotify: Some(fanotify),
+            ..Leases::default()
+        }
+    }
+
     /// Takes a read lease on the credential `key` at `path` (idempotent).
     pub fn add(&mut self, key: FileKey, path: &Path) {
         if self.files.contains_key(&key) || self.refused.contains(&key) {
@@ -102,14 +128,15 @@ impl Leases {
         if !held {
             info!(path = %path.display(), "credential open for writing: leased once the writer closes it");
         }
-        self.files.insert(
-            key,
-            Lease {
-                file,
-                path: path.to_path_buf(),
-                held,
-            },
-        );
+        let lease = Lease {
+            file,
+            path: path.to_path_buf(),
+            held,
+        };
+        if held {
+            lease.fanotify_ignores(self.fanotify.as_ref(), true);
+        }
+        self.files.insert(key, lease);
     }
 
     fn refuse(&mut self, key: FileKey, path: &Path, e: &io::Error) {
@@ -119,7 +146,11 @@ impl Leases {
 
     /// Drops the lease of a credential that is gone (closing the file ends it).
     pub fn remove(&mut self, key: FileKey) {
-        self.files.remove(&key);
+        if let Some(l) = self.files.remove(&key) {
+            if l.held {
+                l.fanotify_ignores(self.fanotify.as_ref(), false);
+            }
+        }
         self.refused.remove(&key);
     }
 
@@ -133,10 +164,15 @@ impl Leases {
             if now == libc::F_RDLCK as libc::c_int {
                 continue;
             }
+            l.fanotify_ignores(self.fanotify.as_ref(), false);
             let _ = set_lease(&l.file, libc::F_UNLCK);
             l.held = false;
             released += 1;
-            info!(path = %l.path.display(), "credential opened for writing: lease given up until the writer closes it (its opens are not seen meanwhile)");
+            if self.fanotify.is_some() {
+                info!(path = %l.path.display(), "credential opened for writing: lease given up until the writer closes it (its opens go to fanotify meanwhile)");
+            } else {
+                info!(path = %l.path.display(), "credential opened for writing: lease given up until the writer closes it (its opens are not seen meanwhile)");
+            }
         }
         released
     }
@@ -146,6 +182,7 @@ impl Leases {
         for l in self.files.values_mut().filter(|l| !l.held) {
             if set_lease(&l.file, libc::F_RDLCK).is_ok() {
                 l.held = true;
+                l.fanotify_ignores(self.fanotify.as_ref(), true);
                 debug!(path = %l.path.display(), "credential leased again");
             }
         }

@@ -111,6 +111,7 @@ enum Sensor {
     Tracepoint,
     Fanotify,
     Lease,
+    Hybrid,
 }
 
 impl Sensor {
@@ -121,6 +122,7 @@ impl Sensor {
                 Sensor::Tracepoint => "tracepoint",
                 Sensor::Fanotify => "fanotify",
                 Sensor::Lease => "lease",
+                Sensor::Hybrid => "hybrid",
             },
         ];
         all.extend_from_slice(args);
@@ -156,6 +158,22 @@ impl Sensor {
                 assert!(
                     names.contains("leases_conflict"),
                     "lease sensor without leases_conflict: {names:?}"
+                );
+            }
+            // Both: the lease check, and a fanotify group for the rest.
+            Sensor::Hybrid => {
+                assert!(
+                    syscall_tps.is_empty(),
+                    "syscall tracepoints loaded: {syscall_tps:?}"
+                );
+                assert!(
+                    names.contains("leases_conflict"),
+                    "hybrid sensor without leases_conflict: {names:?}"
+                );
+                assert!(
+                    kernel::has_fanotify_group(d.child.id()),
+                    "the daemon holds no fanotify group; log:\n{}",
+                    d.log()
                 );
             }
         }
@@ -203,7 +221,7 @@ fn every_route_to_a_credential_yields_exactly_one_event(sensor: Sensor) {
         // No syscall tracepoint sees these (see the tracepoint case below).
         // The lease sensor is in the kernel's open path, not in a syscall
         // of the open family: it names no route for them.
-        let route = if sensor == Sensor::Lease {
+        let route = if matches!(sensor, Sensor::Lease | Sensor::Hybrid) {
             "open_any"
         } else {
             "io_uring"
@@ -251,7 +269,9 @@ fn every_route_to_a_credential_yields_exactly_one_event(sensor: Sensor) {
         // The fanotify opener waits for us before its fd is installed.
         match sensor {
             Sensor::Tracepoint => assert!(e["fd"].as_i64().unwrap() >= 0, "{what}: {e}"),
-            Sensor::Fanotify | Sensor::Lease => assert_eq!(e["fd"], -1, "{what}: {e}"),
+            Sensor::Fanotify | Sensor::Lease | Sensor::Hybrid => {
+                assert_eq!(e["fd"], -1, "{what}: {e}")
+            }
         }
         cred_ids.insert(u(e, "credential_id"));
     }
@@ -296,7 +316,7 @@ fn every_route_to_a_credential_yields_exactly_one_event(sensor: Sensor) {
             assert_eq!(evs.len(), 1, "{evs:?}");
             assert_eq!(evs[0]["route"], "pidfd_getfd");
         }
-        Sensor::Fanotify | Sensor::Lease => assert!(evs.is_empty(), "{evs:?}"),
+        Sensor::Fanotify | Sensor::Lease | Sensor::Hybrid => assert!(evs.is_empty(), "{evs:?}"),
     }
 
     // io_uring opens are the tracepoint sensor's known gap: no event.
@@ -337,6 +357,11 @@ fn every_route_to_a_credential_yields_exactly_one_event_fanotify() {
 #[test]
 fn every_route_to_a_credential_yields_exactly_one_event_lease() {
     every_route_to_a_credential_yields_exactly_one_event(Sensor::Lease);
+}
+
+#[test]
+fn every_route_to_a_credential_yields_exactly_one_event_hybrid() {
+    every_route_to_a_credential_yields_exactly_one_event(Sensor::Hybrid);
 }
 
 fn a_forked_child_of_a_holder_is_a_holder_and_exit_cleans_up(sensor: Sensor) {
@@ -417,6 +442,11 @@ fn a_forked_child_of_a_holder_is_a_holder_and_exit_cleans_up_lease() {
     a_forked_child_of_a_holder_is_a_holder_and_exit_cleans_up(Sensor::Lease);
 }
 
+#[test]
+fn a_forked_child_of_a_holder_is_a_holder_and_exit_cleans_up_hybrid() {
+    a_forked_child_of_a_holder_is_a_holder_and_exit_cleans_up(Sensor::Hybrid);
+}
+
 /// `TOKEN=$(cat token); …`: the reader's parent in the same cgroup becomes
 /// a holder at the moment of the read, so what it starts next inherits it.
 fn a_readers_parent_in_the_same_cgroup_is_a_holder(sensor: Sensor) {
@@ -455,6 +485,11 @@ fn a_readers_parent_in_the_same_cgroup_is_a_holder_fanotify() {
 #[test]
 fn a_readers_parent_in_the_same_cgroup_is_a_holder_lease() {
     a_readers_parent_in_the_same_cgroup_is_a_holder(Sensor::Lease);
+}
+
+#[test]
+fn a_readers_parent_in_the_same_cgroup_is_a_holder_hybrid() {
+    a_readers_parent_in_the_same_cgroup_is_a_holder(Sensor::Hybrid);
 }
 
 /// The fanotify sensor names the opener's cgroup from /proc; it must be the
@@ -759,4 +794,75 @@ fn a_writer_breaks_the_lease_briefly_and_reads_are_seen_again_after() {
     .expect("a read after the lease came back is seen");
     assert_eq!(evs[0]["readable"], true);
     assert_eq!(evs[0]["route"], "openat");
+}
+
+fn counter(d: &Daemon, name: &str) -> u64 {
+    d.metrics_text()
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in the metrics"))
+}
+
+/// The hybrid sensor closes the lease sensor's writer gap: a leased
+/// credential's reads are seen by the kernel's lease check alone (no
+/// permission event reaches the daemon), and while a writer holds the file
+/// (lease given up) a read is still seen, through the fanotify group.
+#[test]
+fn hybrid_leaves_leased_reads_to_the_kernel_and_sees_reads_while_a_writer_holds_the_file() {
+    require_root();
+    let fx = CredFixture::new();
+    let cg = TestCgroup::new("hybrid-writer");
+    let d = Sensor::Hybrid.start(&["--credential-file", &fx.token]);
+    wait_for(WAIT, || (lease_gauge(&d, "held") == Some(1)).then_some(()))
+        .unwrap_or_else(|| panic!("no lease held; log:\n{}", d.log()));
+    const PERM: &str = "detector_fanotify_permission_events_total";
+    let before = counter(&d, PERM);
+    for _ in 0..3 {
+        let (pid, out) = probe(&cg, &["open-abs", &fx.token]);
+        ok(&out);
+        let evs = wait_for(WAIT, || {
+            let v = accesses_of(&d, pid);
+            (!v.is_empty()).then_some(v)
+        })
+        .unwrap_or_else(|| panic!("a leased read is not seen; log:\n{}", d.log()));
+        assert_eq!(evs.len(), 1, "one event per read: {evs:?}");
+    }
+    assert_eq!(
+        counter(&d, PERM),
+        before,
+        "leased reads must not go through the daemon's permission events"
+    );
+
+    let (mut w, line) =
+        shell_until_line(&cg, &format!("exec 3>>{}; echo opened; read x", fx.token));
+    assert_eq!(line.trim(), "opened");
+    wait_for(WAIT, || {
+        (lease_gauge(&d, "waiting") == Some(1)).then_some(())
+    })
+    .expect("the broken lease is counted as waiting");
+    let (pid, out) = probe(&cg, &["open-abs", &fx.token]);
+    ok(&out);
+    let evs = wait_for(WAIT, || {
+        let v = accesses_of(&d, pid);
+        (!v.is_empty()).then_some(v)
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "a read while a writer holds the file is not seen; log:\n{}",
+            d.log()
+        )
+    });
+    assert_eq!(
+        (evs.len(), &evs[0]["readable"]),
+        (1, &Value::Bool(true)),
+        "{evs:?}"
+    );
+    assert!(
+        counter(&d, PERM) > before,
+        "the read while the lease is given up is fanotify's"
+    );
+    drop(w.stdin.take());
+    w.wait().unwrap();
+    wait_for(WAIT, || (lease_gauge(&d, "held") == Some(1)).then_some(()))
+        .unwrap_or_else(|| panic!("lease not taken again; log:\n{}", d.log()));
 }

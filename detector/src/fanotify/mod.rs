@@ -294,6 +294,24 @@ pub struct FanotifySensor {
     dead_reported: bool,
 }
 
+/// Lets the lease sensor take leased inodes out of this group's view and
+/// give them back (`--open-sensor hybrid`): a leased inode's opens are
+/// seen by the kernel's lease check, any other by the permission events.
+#[derive(Clone)]
+pub struct Ignorer(Arc<Shared>);
+
+impl Ignorer {
+    /// `ignored`: opens of the inode open as `file` stop (or start again)
+    /// asking the daemon. Fails once the responder has ended.
+    pub fn set(&self, file: &std::fs::File, ignored: bool) -> io::Result<()> {
+        let group = self.0.group.read().unwrap_or_else(|e| e.into_inner());
+        match group.as_ref() {
+            Some(g) => sys::ignore(g.raw(), ignored, file.as_raw_fd()),
+            None => Err(io::Error::from(io::ErrorKind::BrokenPipe)),
+        }
+    }
+}
+
 /// Is the permission sensor usable here? Returns the group to use.
 pub fn open_group() -> Result<Group, Error> {
     Group::new().map_err(Error::Unavailable)
@@ -364,6 +382,11 @@ impl FanotifySensor {
     /// Follow the inventory. Call after the pipeline applied `update` to
     /// `table` (which gives the credential ids); `kernel` is the kernel's
     /// credentials map, kept equal to `table`.
+    /// A handle for the lease sensor's ignore marks (`Ignorer`).
+    pub fn ignorer(&self) -> Ignorer {
+        Ignorer(self.shared.clone())
+    }
+
     pub fn apply_inventory(
         &mut self,
         update: &InventoryUpdate,
@@ -1099,7 +1122,7 @@ pub fn select(kind: crate::cli::OpenSensor) -> Result<Option<Group>, Error> {
     use crate::cli::OpenSensor;
     match kind {
         OpenSensor::Tracepoint | OpenSensor::Lease => Ok(None),
-        OpenSensor::Fanotify => open_group().map(Some),
+        OpenSensor::Fanotify | OpenSensor::Hybrid => open_group().map(Some),
         OpenSensor::Auto => match open_group() {
             Ok(g) => Ok(Some(g)),
             Err(e) => {

@@ -89,6 +89,25 @@ pub fn mark(group: RawFd, add: bool, scope: MarkScope, path: &Path) -> io::Resul
     Ok(())
 }
 
+/// Add (or remove) an ignore mask of `FAN_OPEN_PERM` on the inode open as
+/// `file`: the group's marks (a volume's filesystem mark included) no
+/// longer ask about opens of that inode. It survives writes to the file.
+pub fn ignore(group: RawFd, add: bool, file: RawFd) -> io::Result<()> {
+    let flags = libc::FAN_MARK_IGNORED_MASK
+        | if add {
+            libc::FAN_MARK_ADD | libc::FAN_MARK_IGNORED_SURV_MODIFY
+        } else {
+            libc::FAN_MARK_REMOVE
+        };
+    // SAFETY: plain syscall; a NULL path marks the object `file` refers to.
+    let rc =
+        unsafe { libc::fanotify_mark(group, flags, libc::FAN_OPEN_PERM, file, std::ptr::null()) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Answer a permission event. We only ever allow: detection and the
 /// holder bookkeeping happen before the answer, never a denial.
 pub fn allow(group: RawFd, event_fd: RawFd) -> io::Result<()> {
