@@ -85,21 +85,24 @@ enum Config {
     Detector,
     DetectorFanotify,
     DetectorLease,
+    DetectorHybrid,
     Bpftrace,
 }
 
 impl Config {
-    const ALL: [Config; 5] = [
+    const ALL: [Config; 6] = [
         Config::None,
         Config::Detector,
         Config::DetectorFanotify,
         Config::DetectorLease,
+        Config::DetectorHybrid,
         Config::Bpftrace,
     ];
-    const DETECTORS: [Config; 3] = [
+    const DETECTORS: [Config; 4] = [
         Config::Detector,
         Config::DetectorFanotify,
         Config::DetectorLease,
+        Config::DetectorHybrid,
     ];
     fn name(self) -> &'static str {
         match self {
@@ -107,6 +110,7 @@ impl Config {
             Config::Detector => "detector",
             Config::DetectorFanotify => "fanotify",
             Config::DetectorLease => "lease",
+            Config::DetectorHybrid => "hybrid",
             Config::Bpftrace => "bpftrace",
         }
     }
@@ -117,6 +121,7 @@ impl Config {
             Config::Detector => Some("tracepoint"),
             Config::DetectorFanotify => Some("fanotify"),
             Config::DetectorLease => Some("lease"),
+            Config::DetectorHybrid => Some("hybrid"),
             _ => None,
         }
     }
@@ -425,7 +430,10 @@ struct SessionResult {
 fn start(cfg: Config, env: &Env, round: usize, ready_timeout: Duration) -> Result<Session> {
     match cfg {
         Config::None => Ok(Session::None),
-        Config::Detector | Config::DetectorFanotify | Config::DetectorLease => {
+        Config::Detector
+        | Config::DetectorFanotify
+        | Config::DetectorLease
+        | Config::DetectorHybrid => {
             let port = free_port()?;
             let log = env.dir.join(format!("{}-{round}.log", cfg.name()));
             let logf = File::create(&log)?;
@@ -524,6 +532,7 @@ fn pair_pass(env: &Env, rounds: usize, scale: f64, ready_timeout: Duration) -> R
         Config::Detector,
         Config::DetectorFanotify,
         Config::DetectorLease,
+        Config::DetectorHybrid,
     ];
     let iters = ((100_000.0 * scale).round() as u64).max(1000);
     let mut ratios = vec![Vec::new(); configs.len()];
@@ -1168,9 +1177,9 @@ pub fn bench(args: BenchArgs) -> Result<ExitCode> {
         .collect();
     let mut table = String::new();
     table.push_str(
-        "| Workload | iterations | none | detector (tracepoints) | detector (fanotify) | detector (lease) | bpftrace one-liner |\n",
+        "| Workload | iterations | none | detector (tracepoints) | detector (fanotify) | detector (lease) | detector (hybrid) | bpftrace one-liner |\n",
     );
-    table.push_str("|---|---:|---:|---:|---:|---:|---:|\n");
+    table.push_str("|---|---:|---:|---:|---:|---:|---:|---:|\n");
     for (i, case) in CASES.iter().enumerate() {
         let iters = ((case.iters as f64 * args.scale).round() as u64).max(1);
         let none = med[Config::None as usize][i];
@@ -1192,13 +1201,14 @@ pub fn bench(args: BenchArgs) -> Result<ExitCode> {
         };
         let _ = writeln!(
             table,
-            "| {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} |",
             case.label,
             iters,
             fmt_ns(none),
             cell(Config::Detector),
             cell(Config::DetectorFanotify),
             cell(Config::DetectorLease),
+            cell(Config::DetectorHybrid),
             cell(Config::Bpftrace)
         );
     }
@@ -1372,6 +1382,9 @@ A/A rows take the program over but attach it on neither side.
     read lease on the credential file, and the kernel's lease check in the open path fires
     `filelock:leases_conflict` for opens of that file only; the program runs in the opener's context
     (holder recorded before the open returns), with no syscall tracepoint and no round trip;
+  - `detector (hybrid)` (raw samples: `hybrid`) — `--open-sensor hybrid`: the lease as above, and the
+    fanotify group of `fanotify` with an ignore mark on the leased file, so the open of the leased file
+    pays the lease check and the kernel's walk of the fanotify marks, and no round trip;
   - `bpftrace` — `bpftrace -e '{bt_prog}'`, measured once it printed `Attaching 1 probe...` plus 0.5 s;
     a sentinel open of the token path from a thread with a unique name must appear in its map at exit,
     else that round's bpftrace samples are discarded.
@@ -1513,9 +1526,10 @@ fn svg_chart(ratio: &[Vec<f64>]) -> String {
         Config::Detector,
         Config::DetectorFanotify,
         Config::DetectorLease,
+        Config::DetectorHybrid,
         Config::Bpftrace,
     ];
-    let colors = ["#d95f02", "#1b9e77", "#e7298a", "#7570b3"];
+    let colors = ["#d95f02", "#1b9e77", "#e7298a", "#66a61e", "#7570b3"];
     let ratios: Vec<Vec<f64>> = shown.iter().map(|c| ratio[*c as usize].clone()).collect();
     let max = ratios
         .iter()
