@@ -140,7 +140,8 @@ pub enum KillScope {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum OpenSensor {
-    /// fanotify when this kernel and our privileges allow it, else tracepoint.
+    /// hybrid when this kernel and our privileges allow it, else fanotify
+    /// alone (no leases), else tracepoint.
     #[default]
     Auto,
     /// fanotify permission events on the credential files only: no syscall

@@ -547,9 +547,9 @@ pub async fn run(settings: RunSettings) -> Result<()> {
         .and_then(|b| b.kernel_offsets())
         .context("reading kernel struct offsets from /sys/kernel/btf/vmlinux (the kernel needs CONFIG_DEBUG_INFO_BTF)")?;
     debug!(?offsets, "kernel offsets");
-    let lease_sensor = settings.open_sensor.leases();
-    if lease_sensor {
-        if let Some(why) = crate::lease::unavailable(offsets.lease_file) {
+    let lease_unavailable = crate::lease::unavailable(offsets.lease_file);
+    if settings.open_sensor.leases() {
+        if let Some(why) = &lease_unavailable {
             anyhow::bail!(
                 "--open-sensor {:?} is not available on this node: {why}",
                 settings.open_sensor
@@ -557,6 +557,18 @@ pub async fn run(settings: RunSettings) -> Result<()> {
         }
     }
     let fanotify_group = fanotify::select(settings.open_sensor)?;
+    // `auto`: hybrid when both halves are there, else fanotify alone (else,
+    // with no fanotify group, the tracepoints).
+    let lease_sensor = settings.open_sensor.leases()
+        || (settings.open_sensor == crate::cli::OpenSensor::Auto
+            && fanotify_group.is_some()
+            && match &lease_unavailable {
+                None => true,
+                Some(why) => {
+                    warn!(reason = %why, "no read leases: every credential open waits for the daemon (fanotify alone)");
+                    false
+                }
+            });
     // A broken lease is signalled with SIGIO, whose default action ends the
     // process: take it before the first lease.
     let mut sigio = if lease_sensor {

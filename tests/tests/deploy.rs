@@ -720,6 +720,12 @@ fn needed_capabilities(src: &str) -> BTreeMap<&'static str, &'static str> {
             "fanotify_init(FAN_CLASS_CONTENT), FAN_MARK_FILESYSTEM (the fanotify open sensor), setns into the host's cgroup namespace",
         );
     }
+    if uses("F_SETLEASE") {
+        caps.insert(
+            "LEASE",
+            "F_SETLEASE on credential files of other uids (the lease and hybrid open sensors)",
+        );
+    }
     // Userspace signals to other users' processes need CAP_KILL;
     // bpf_send_signal from the kernel does not (SEND_SIG_PRIV).
     if uses("libc::kill(") || uses("nix::sys::signal::kill") || uses("pidfd_send_signal") {

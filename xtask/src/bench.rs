@@ -595,7 +595,7 @@ fn pair_pass(env: &Env, rounds: usize, scale: f64, ready_timeout: Duration) -> R
 /// connects inside one worker (`connect-pair`, `udp-pair`; see
 /// `connect_ab`): the connect's cost free of the drift between sessions,
 /// which on this VM exceeds the effect in the main table. One daemon
-/// (default open sensor) per round; the workloads' order rotates. The A/A
+/// (fanotify open sensor) per round; the workloads' order rotates. The A/A
 /// rows toggle nothing: the method's own bias and resolution.
 fn connect_pair_pass(
     env: &Env,
@@ -1321,7 +1321,7 @@ against an ordinary open inside one worker process: `open`+`close` of the creden
 ordinary file in the same directory, in alternating batches of 1000 ({pair_iters} of each), the ratio taken
 per pair of batches and its median reported; one session per configuration per round, {rounds} rounds.
 Under `none` the ratio is the control (two files are never exactly alike). Dividing by it gives what
-watching the file adds to its open. For `fanotify` and `lease`, whose programs do not run on ordinary
+watching the file adds to its open. For `fanotify`, `lease` and `hybrid`, whose programs do not run on ordinary
 opens (see the bpf_stats table), that is the credential open's cost relative to no detector; the
 tracepoint sensor's program runs on both files, so there it is only the credential-specific part, on
 top of its ordinary-open ratio above.
@@ -1331,13 +1331,13 @@ top of its ordinary-open ratio above.
 ### Connect, with and without the detector's `connect4`, interleaved
 
 For the same reason, the connect's cost is also measured inside one worker: the bench starts the daemon
-(default open sensor), and the worker copies the daemon's `connect4` program and its root link out of
+(fanotify open sensor; connect4 is the same program with every sensor), and the worker copies the daemon's `connect4` program and its root link out of
 the daemon (`pidfd_getfd`), detaches the link, moves itself into a cgroup of its own and attaches the
 very same program, with the daemon's live maps, to that cgroup for one batch of connects and detaches
 it for the next (TCP batches of 500, UDP of 2000, order flipped every pair, 10 untimed connects after
 each switch). When detached, no `connect4` runs at all: the hook's static key is off, as on a machine
 without the detector. The ratio is taken per pair of batches and its median reported; one daemon per
-round, {rounds} rounds. With the default open sensor, `connect4` is the only program of the detector
+round, {rounds} rounds. With the fanotify, lease or hybrid sensor, `connect4` is the only program of the detector
 that runs on a connect (bpf_stats table above), so this is the detector's whole cost on a connect. The
 A/A rows take the program over but attach it on neither side.
 
