@@ -113,9 +113,10 @@ impl Metrics {
         let leases = IntGaugeVec::new(
             Opts::new(
                 "detector_credential_leases",
-                "Lease sensor (--open-sensor lease): credential files by lease state \
-                 (held: opens seen; waiting: a writer has it open, opens not seen; \
-                 refused: the filesystem takes no lease).",
+                "Lease and hybrid sensors: credential files by lease state \
+                 (held: opens seen in the kernel; waiting: a writer has it open, its opens \
+                 not seen by lease, seen by fanotify with hybrid; refused: cannot be leased, \
+                 the same).",
             ),
             &["state"],
         )?;
