@@ -680,6 +680,17 @@ fn mutated_intents_fail_cleanly() {
     });
 }
 
+/// Found by `arbitrary_yaml_fails_cleanly` (seed 1795429501136377175): the
+/// error locator made serde_norway panic ("unexpected end of mapping") while
+/// skipping an alias under an empty tag.
+#[test]
+fn regression_tagged_key_and_alias_do_not_panic_the_locator() {
+    let text = "!: a: &x [1, 2]\nb: *x\n";
+    let r = std::panic::catch_unwind(|| errors_are_located(text));
+    assert!(r.is_ok(), "the intent loader panicked on {text:?}");
+    assert!(r.unwrap().is_ok(), "{text:?}");
+}
+
 /// Documents of any shape built from YAML's own pieces (no intent grammar).
 #[test]
 fn arbitrary_yaml_fails_cleanly() {
