@@ -63,6 +63,10 @@ pub struct AllowKey6 {
 /// Ports allowed for one destination prefix. `count == 0` means any port.
 pub const MAX_PORTS: usize = 16;
 
+/// The most CPUs whose per-CPU slots an exit looks through (the verifier
+/// walks that loop once per CPU); `ProgramConfig::nr_cpus` is capped here.
+pub const MAX_CPUS: u32 = 1024;
+
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct AllowPorts {

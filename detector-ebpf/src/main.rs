@@ -33,7 +33,7 @@ use detector_common::{
     CgroupPolicy, ConnectEvent, ConnectSeenKey, CredSeen, CredSeenKey, CredentialAccessEvent,
     CredentialInfo, CredentialKey, DecisionInput, DenyRule, EgressHook, EventHeader, EventKind,
     ExecEvent, ExitEvent, ForkEvent, Holder, KernelOffsets, PolicyAction, ProgramConfig, Verdict,
-    AF_INET, AF_INET6, COMM_LEN, EVENT_KINDS, FILENAME_LEN,
+    AF_INET, AF_INET6, COMM_LEN, EVENT_KINDS, FILENAME_LEN, MAX_CPUS,
 };
 
 // ---- configuration written by userspace before load -------------------------
@@ -636,7 +636,7 @@ fn take_cached_reads(tgid: u32, holder: u32) -> u32 {
     let cpus = config().nr_cpus;
     let mut total = 0u32;
     let mut cpu = 0u32;
-    while cpu < cpus && cpu < 1024 {
+    while cpu < cpus && cpu < MAX_CPUS {
         let key = 0u32;
         let p = unsafe {
             bpf_map_lookup_percpu_elem(
@@ -660,8 +660,9 @@ fn take_cached_reads(tgid: u32, holder: u32) -> u32 {
     total
 }
 
-/// A direct load of `*(base + off)` from a BTF-typed kernel pointer (tp_btf
-/// only; a fault reads as zero). `off` must be a verifier-known constant, as
+/// A direct load of `*(base + off)` from a BTF-typed kernel pointer (the
+/// tp_btf program's arguments, `bpf_get_current_task_btf()` and what they
+/// point to; a fault reads as zero). `off` must be a verifier-known constant, as
 /// the `.rodata` offsets are, and name a field of exactly `T`'s size.
 #[inline(always)]
 unsafe fn load<T: Copy>(base: *const u8, off: u32) -> T {
@@ -1083,7 +1084,7 @@ fn on_egress(ctx: &SockAddrContext, hook: EgressHook) -> i32 {
     }
     match ring(notable).reserve::<ConnectEvent>(0) {
         Some(mut entry) => {
-            let mut hdr = header(EventKind::Connect);
+            let mut hdr = header_without_cgroup(EventKind::Connect);
             hdr.cgroup_id = cgroup_id;
             entry.write(ConnectEvent {
                 header: hdr,
@@ -1113,15 +1114,6 @@ pub struct ConnectLast {
     seen_ns: u64,
 }
 
-#[inline(always)]
-fn same_key(a: &ConnectSeenKey, b: &ConnectSeenKey) -> bool {
-    a.cgroup_id == b.cgroup_id
-        && a.tgid == b.tgid
-        && a.port == b.port
-        && a.family == b.family
-        && a.addr == b.addr
-}
-
 /// Whether this ordinary connect repeats one reported less than `window`
 /// ago (then it is not reported again); otherwise it is recorded as
 /// reported now. A process repeating one connect, the common case, is
@@ -1135,7 +1127,7 @@ fn connect_seen(key: &ConnectSeenKey, window: u64) -> bool {
     let slot = CONNECT_LAST.get_ptr_mut(0);
     if let Some(c) = slot {
         let c = unsafe { &*c };
-        if same_key(&c.key, key) && now.wrapping_sub(c.seen_ns) < window {
+        if c.key == *key && now.wrapping_sub(c.seen_ns) < window {
             return true;
         }
     }

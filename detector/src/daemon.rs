@@ -559,16 +559,13 @@ pub async fn run(settings: RunSettings) -> Result<()> {
     let fanotify_group = fanotify::select(settings.open_sensor)?;
     // `auto`: hybrid when both halves are there, else fanotify alone (else,
     // with no fanotify group, the tracepoints).
-    let lease_sensor = settings.open_sensor.leases()
-        || (settings.open_sensor == crate::cli::OpenSensor::Auto
-            && fanotify_group.is_some()
-            && match &lease_unavailable {
-                None => true,
-                Some(why) => {
-                    warn!(reason = %why, "no read leases: every credential open waits for the daemon (fanotify alone)");
-                    false
-                }
-            });
+    let auto_hybrid =
+        settings.open_sensor == crate::cli::OpenSensor::Auto && fanotify_group.is_some();
+    if let (true, Some(why)) = (auto_hybrid, &lease_unavailable) {
+        warn!(reason = %why, "no read leases: every credential open waits for the daemon (fanotify alone)");
+    }
+    let lease_sensor =
+        settings.open_sensor.leases() || (auto_hybrid && lease_unavailable.is_none());
     // A broken lease is signalled with SIGIO, whose default action ends the
     // process: take it before the first lease.
     let mut sigio = if lease_sensor {

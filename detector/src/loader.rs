@@ -29,6 +29,7 @@ use aya::{
 use detector_common::{
     names, AllowKey4, AllowKey6, AllowPorts, CgroupBudget, CgroupPolicy, CredSeen, CredSeenKey,
     CredentialInfo, CredentialKey, DenyRule, EventKind, Holder, KernelOffsets, ProgramConfig,
+    MAX_CPUS,
 };
 use tracing::{info, warn};
 
@@ -97,10 +98,6 @@ const STATE_MAPS: &[&str] = &[
 /// Bump when a state map changes meaning (sizes are hashed in anyway): a
 /// daemon then starts from fresh maps instead of adopting incompatible ones.
 const MAP_LAYOUT_VERSION: u64 = 1;
-
-/// The most CPUs whose per-CPU read cache an exit looks through (the
-/// verifier walks that loop once per CPU).
-const MAX_CPUS: u32 = 1024;
 
 /// FNV-1a: a stable content hash (std's hasher may change between releases).
 fn fnv(parts: &[&[u8]]) -> u64 {

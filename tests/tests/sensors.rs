@@ -743,6 +743,21 @@ fn lease_gauge(d: &Daemon, state: &str) -> Option<i64> {
     })
 }
 
+/// Wait until exactly one credential file is in lease `state`.
+fn wait_lease(d: &Daemon, state: &str, what: &str) {
+    wait_for(WAIT, || (lease_gauge(d, state) == Some(1)).then_some(()))
+        .unwrap_or_else(|| panic!("{what}; log:\n{}", d.log()));
+}
+
+/// Wait for `pid`'s credential accesses; all of them once there is one.
+fn wait_accesses(d: &Daemon, pid: u32, what: &str) -> Vec<Value> {
+    wait_for(WAIT, || {
+        let v = accesses_of(d, pid);
+        (!v.is_empty()).then_some(v)
+    })
+    .unwrap_or_else(|| panic!("{what}; log:\n{}", d.log()))
+}
+
 /// The lease sensor's price is writers: an open for writing breaks the lease.
 /// The writer must not be held up (the daemon gives the lease up on SIGIO),
 /// the open itself is reported, and once the writer closes the lease is back
@@ -753,8 +768,7 @@ fn a_writer_breaks_the_lease_briefly_and_reads_are_seen_again_after() {
     let fx = CredFixture::new();
     let cg = TestCgroup::new("lease-writer");
     let d = Sensor::Lease.start(&["--credential-file", &fx.token]);
-    wait_for(WAIT, || (lease_gauge(&d, "held") == Some(1)).then_some(()))
-        .unwrap_or_else(|| panic!("no lease held; log:\n{}", d.log()));
+    wait_lease(&d, "held", "no lease held");
 
     let started = std::time::Instant::now();
     let (mut w, line) =
@@ -775,23 +789,15 @@ fn a_writer_breaks_the_lease_briefly_and_reads_are_seen_again_after() {
         (Some(true), Some(false)),
         "{e}"
     );
-    wait_for(WAIT, || {
-        (lease_gauge(&d, "waiting") == Some(1)).then_some(())
-    })
-    .expect("the broken lease is counted as waiting");
+    wait_lease(&d, "waiting", "the broken lease is not counted as waiting");
 
     // The writer closes: the lease comes back, and a read is seen again.
     drop(w.stdin.take());
     w.wait().unwrap();
-    wait_for(WAIT, || (lease_gauge(&d, "held") == Some(1)).then_some(()))
-        .unwrap_or_else(|| panic!("lease not taken again; log:\n{}", d.log()));
+    wait_lease(&d, "held", "lease not taken again");
     let (pid, out) = probe(&cg, &["open-abs", &fx.token]);
     ok(&out);
-    let evs = wait_for(WAIT, || {
-        let v = accesses_of(&d, pid);
-        (!v.is_empty()).then_some(v)
-    })
-    .expect("a read after the lease came back is seen");
+    let evs = wait_accesses(&d, pid, "a read after the lease came back is not seen");
     assert_eq!(evs[0]["readable"], true);
     assert_eq!(evs[0]["route"], "openat");
 }
@@ -813,18 +819,13 @@ fn hybrid_leaves_leased_reads_to_the_kernel_and_sees_reads_while_a_writer_holds_
     let fx = CredFixture::new();
     let cg = TestCgroup::new("hybrid-writer");
     let d = Sensor::Hybrid.start(&["--credential-file", &fx.token]);
-    wait_for(WAIT, || (lease_gauge(&d, "held") == Some(1)).then_some(()))
-        .unwrap_or_else(|| panic!("no lease held; log:\n{}", d.log()));
+    wait_lease(&d, "held", "no lease held");
     const PERM: &str = "detector_fanotify_permission_events_total";
     let before = counter(&d, PERM);
     for _ in 0..3 {
         let (pid, out) = probe(&cg, &["open-abs", &fx.token]);
         ok(&out);
-        let evs = wait_for(WAIT, || {
-            let v = accesses_of(&d, pid);
-            (!v.is_empty()).then_some(v)
-        })
-        .unwrap_or_else(|| panic!("a leased read is not seen; log:\n{}", d.log()));
+        let evs = wait_accesses(&d, pid, "a leased read is not seen");
         assert_eq!(evs.len(), 1, "one event per read: {evs:?}");
     }
     assert_eq!(
@@ -836,22 +837,10 @@ fn hybrid_leaves_leased_reads_to_the_kernel_and_sees_reads_while_a_writer_holds_
     let (mut w, line) =
         shell_until_line(&cg, &format!("exec 3>>{}; echo opened; read x", fx.token));
     assert_eq!(line.trim(), "opened");
-    wait_for(WAIT, || {
-        (lease_gauge(&d, "waiting") == Some(1)).then_some(())
-    })
-    .expect("the broken lease is counted as waiting");
+    wait_lease(&d, "waiting", "the broken lease is not counted as waiting");
     let (pid, out) = probe(&cg, &["open-abs", &fx.token]);
     ok(&out);
-    let evs = wait_for(WAIT, || {
-        let v = accesses_of(&d, pid);
-        (!v.is_empty()).then_some(v)
-    })
-    .unwrap_or_else(|| {
-        panic!(
-            "a read while a writer holds the file is not seen; log:\n{}",
-            d.log()
-        )
-    });
+    let evs = wait_accesses(&d, pid, "a read while a writer holds the file is not seen");
     assert_eq!(
         (evs.len(), &evs[0]["readable"]),
         (1, &Value::Bool(true)),
@@ -863,6 +852,5 @@ fn hybrid_leaves_leased_reads_to_the_kernel_and_sees_reads_while_a_writer_holds_
     );
     drop(w.stdin.take());
     w.wait().unwrap();
-    wait_for(WAIT, || (lease_gauge(&d, "held") == Some(1)).then_some(()))
-        .unwrap_or_else(|| panic!("lease not taken again; log:\n{}", d.log()));
+    wait_lease(&d, "held", "lease not taken again");
 }

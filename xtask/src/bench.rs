@@ -359,11 +359,24 @@ fn run_case(env: &Env, case: &Case, scale: f64) -> Result<f64> {
     if !out.status.success() {
         bail!("bench-worker {} failed: {}", case.short, out.status);
     }
-    let text = String::from_utf8_lossy(&out.stdout);
+    worker_value(&out.stdout, "ns_per_op")
+}
+
+/// The number a bench-worker printed as `key=<f64>`.
+fn worker_value(stdout: &[u8], key: &str) -> Result<f64> {
+    let text = String::from_utf8_lossy(stdout);
     text.lines()
-        .find_map(|l| l.strip_prefix("ns_per_op="))
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
         .and_then(|v| v.trim().parse().ok())
-        .with_context(|| format!("bench-worker printed no result: {text:?}"))
+        .with_context(|| format!("bench-worker printed no {key}: {text:?}"))
+}
+
+/// (min, max) of `v`.
+fn range(v: &[f64]) -> (f64, f64) {
+    v.iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), x| {
+            (lo.min(*x), hi.max(*x))
+        })
 }
 
 fn http_get(port: u16, path: &str) -> Result<(u16, String)> {
@@ -554,12 +567,7 @@ fn pair_pass(env: &Env, rounds: usize, scale: f64, ready_timeout: Duration) -> R
             if !out.status.success() {
                 bail!("bench-worker open-pair failed: {}", out.status);
             }
-            let text = String::from_utf8_lossy(&out.stdout);
-            let r: f64 = text
-                .lines()
-                .find_map(|l| l.strip_prefix("pair_ratio="))
-                .and_then(|v| v.trim().parse().ok())
-                .with_context(|| format!("bench-worker printed no pair_ratio: {text:?}"))?;
+            let r = worker_value(&out.stdout, "pair_ratio")?;
             println!(
                 "bench: pair round {}/{rounds} {:<8} credential/ordinary {r:.3}",
                 round + 1,
@@ -574,8 +582,7 @@ fn pair_pass(env: &Env, rounds: usize, scale: f64, ready_timeout: Duration) -> R
     );
     for (i, cfg) in configs.iter().enumerate() {
         let v = &ratios[i];
-        let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
-        let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let (lo, hi) = range(v);
         let m = median(v);
         let _ = writeln!(
             t,
@@ -676,29 +683,19 @@ fn connect_pair_pass(
             if row.control {
                 cmd.arg("--control-only");
             }
-            let out = cmd.stderr(Stdio::inherit()).output();
-            let out = match out {
-                Ok(o) if o.status.success() => o,
-                Ok(o) => {
-                    finish(session);
-                    bail!("bench-worker {} failed: {}", row.label, o.status);
-                }
-                Err(e) => {
-                    finish(session);
-                    return Err(e).context("running bench-worker");
-                }
-            };
-            let text = String::from_utf8_lossy(&out.stdout);
-            let num = |key: &str| -> Result<f64> {
-                text.lines()
-                    .find_map(|l| l.strip_prefix(key))
-                    .and_then(|v| v.trim().parse().ok())
-                    .with_context(|| format!("bench-worker printed no {key}: {text:?}"))
-            };
+            // On an error the session's guard kills the daemon.
+            let out = cmd
+                .stderr(Stdio::inherit())
+                .output()
+                .context("running bench-worker")?;
+            if !out.status.success() {
+                bail!("bench-worker {} failed: {}", row.label, out.status);
+            }
+            let num = |key| worker_value(&out.stdout, key);
             let r = (
-                num("pair_ratio=")?,
-                num("ns_per_op=")?,
-                num("control_ns_per_op=")?,
+                num("pair_ratio")?,
+                num("ns_per_op")?,
+                num("control_ns_per_op")?,
             );
             println!(
                 "bench: connect A/B round {}/{rounds} {:<60} on/off {:.4}",
@@ -716,8 +713,7 @@ fn connect_pair_pass(
     for (row, v) in ROWS.iter().zip(&got) {
         let ratios: Vec<f64> = v.iter().map(|r| r.0).collect();
         let added: Vec<f64> = v.iter().map(|r| r.1 - r.2).collect();
-        let lo = ratios.iter().copied().fold(f64::INFINITY, f64::min);
-        let hi = ratios.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let (lo, hi) = range(&ratios);
         let m = median(&ratios);
         let _ = writeln!(
             t,

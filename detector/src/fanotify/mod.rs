@@ -379,14 +379,14 @@ impl FanotifySensor {
         })
     }
 
-    /// Follow the inventory. Call after the pipeline applied `update` to
-    /// `table` (which gives the credential ids); `kernel` is the kernel's
-    /// credentials map, kept equal to `table`.
     /// A handle for the lease sensor's ignore marks (`Ignorer`).
     pub fn ignorer(&self) -> Ignorer {
         Ignorer(self.shared.clone())
     }
 
+    /// Follow the inventory. Call after the pipeline applied `update` to
+    /// `table` (which gives the credential ids); `kernel` is the kernel's
+    /// credentials map, kept equal to `table`.
     pub fn apply_inventory(
         &mut self,
         update: &InventoryUpdate,

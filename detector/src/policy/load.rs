@@ -181,28 +181,7 @@ pub fn load(paths: &[PathBuf], dns: &DnsTable) -> Result<IntentSet, LoadError> {
 /// Parse one file's text (for tests and callers with text in hand).
 pub fn load_str(file: &Path, text: &str, dns: &DnsTable) -> Result<IntentSet, LoadError> {
     let mut errors = Vec::new();
-    // serde_norway 0.9 panics on some malformed event streams (see
-    // yaml::locate::probe). An intent file is untrusted input and a reload
-    // must never take the daemon down: such a file is one error.
-    let parsed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        let mut errors = Vec::new();
-        let r = parse_text(file, text, dns, &mut errors);
-        (r, errors)
-    }));
-    let (intents, warnings) = match parsed {
-        Ok((r, e)) => {
-            errors = e;
-            r
-        }
-        Err(_) => {
-            errors.push(PolicyError {
-                file: file.into(),
-                line: 1,
-                message: "the YAML parser failed on this file (malformed YAML)".into(),
-            });
-            (Vec::new(), Vec::new())
-        }
-    };
+    let (intents, warnings) = parse_text(file, text, dns, &mut errors);
     check_duplicates(&intents, &mut errors);
     if errors.is_empty() {
         let mut set = IntentSet::new(intents);
@@ -248,7 +227,37 @@ fn check_duplicates(intents: &[Intent], errors: &mut Vec<PolicyError>) {
     }
 }
 
+/// `parse_text_unguarded`, but a panic inside the YAML library (serde_norway
+/// 0.9 has some on malformed event streams; see `yaml::locate::probe`) is
+/// one error of this file: intent files are untrusted input, and a reload
+/// must never take the daemon down.
 fn parse_text(
+    file: &Path,
+    text: &str,
+    dns: &DnsTable,
+    errors: &mut Vec<PolicyError>,
+) -> (Vec<Intent>, Vec<PolicyError>) {
+    let mut found = Vec::new();
+    let parsed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        parse_text_unguarded(file, text, dns, &mut found)
+    }));
+    match parsed {
+        Ok(r) => {
+            errors.append(&mut found);
+            r
+        }
+        Err(_) => {
+            errors.push(PolicyError {
+                file: file.into(),
+                line: 1,
+                message: "the YAML parser failed on this file (malformed YAML)".into(),
+            });
+            (Vec::new(), Vec::new())
+        }
+    }
+}
+
+fn parse_text_unguarded(
     file: &Path,
     text: &str,
     dns: &DnsTable,
