@@ -598,7 +598,7 @@ pub async fn run(settings: RunSettings) -> Result<()> {
     )?;
     // Hybrid: the fanotify group stops asking about an inode once it is leased.
     let mut leases = match open_sensor.as_ref().filter(|_| lease_sensor) {
-        Some(s) => crate::lease::Leases::with_fanotify(s.ignorer()),
+        Some(s) => crate::lease::Leases::with_fanotify(s.inode_marks()),
         None => crate::lease::Leases::default(),
     };
     metrics.probes_attached.set(sensors.attached.len() as i64);
@@ -909,6 +909,7 @@ fn start_open_sensor(
         &sensors.maps.cred_seen,
         fanotify::Config {
             dedup: Duration::from_millis(credential_dedup_ms),
+            hybrid: lease_sensor,
             ..fanotify::Config::new(cgroup_root)
         },
         &metrics.registry,

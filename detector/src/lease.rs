@@ -54,8 +54,9 @@ pub struct Leases {
     /// filesystem takes no lease): warned about once each.
     refused: HashSet<FileKey>,
     /// `--open-sensor hybrid`: the fanotify group that sees every credential
-    /// open this sensor does not, told which inodes are leased.
-    fanotify: Option<crate::fanotify::Ignorer>,
+    /// open this sensor does not; its inode mark is off while we hold the
+    /// lease.
+    fanotify: Option<crate::fanotify::InodeMarks>,
 }
 
 fn set_lease(f: &File, kind: libc::c_int) -> io::Result<()> {
@@ -69,22 +70,23 @@ fn set_lease(f: &File, kind: libc::c_int) -> io::Result<()> {
 
 impl Lease {
     /// The lease is in place (`true`) or given up: the fanotify group, if
-    /// any, ignores the inode only while it is. The lease is taken before
-    /// the ignore mark goes on and given up after it is off, so between
-    /// the two both sensors see an open (the second report folds into the
-    /// first as a repeat) and neither ever misses one.
-    fn fanotify_ignores(&self, fanotify: Option<&crate::fanotify::Ignorer>, ignored: bool) {
+    /// any, has its inode mark on the file only while it is not. The lease
+    /// is taken before the mark comes off and given up after it is back,
+    /// so between the two both sensors see an open (the second report
+    /// folds into the first as a repeat) and neither ever misses one.
+    fn fanotify_leased(&self, fanotify: Option<&crate::fanotify::InodeMarks>, leased: bool) {
         if let Some(f) = fanotify {
-            if let Err(e) = f.set(&self.file, ignored) {
-                warn!(path = %self.path.display(), error = %e, ignored, "cannot change the fanotify ignore mark of a leased credential");
+            if let Err(e) = f.set(&self.file, !leased) {
+                warn!(path = %self.path.display(), error = %e, leased, "cannot change the fanotify mark of a leased credential");
             }
         }
     }
 }
 
 impl Leases {
-    /// Leases whose inodes `fanotify` ignores while leased (hybrid sensor).
-    pub fn with_fanotify(fanotify: crate::fanotify::Ignorer) -> Leases {
+    /// Leases whose inodes `fanotify` leaves unmarked while leased (hybrid
+    /// sensor).
+    pub fn with_fanotify(fanotify: crate::fanotify::InodeMarks) -> Leases {
         Leases {
             fanotify: Some(fanotify),
             ..Leases::default()
@@ -134,7 +136,7 @@ impl Leases {
             held,
         };
         if held {
-            lease.fanotify_ignores(self.fanotify.as_ref(), true);
+            lease.fanotify_leased(self.fanotify.as_ref(), true);
         }
         self.files.insert(key, lease);
     }
@@ -144,13 +146,10 @@ impl Leases {
         self.refused.insert(key);
     }
 
-    /// Drops the lease of a credential that is gone (closing the file ends it).
+    /// Drops the lease of a credential that is gone (closing the file ends
+    /// it). No fanotify mark goes back on: the file is no credential now.
     pub fn remove(&mut self, key: FileKey) {
-        if let Some(l) = self.files.remove(&key) {
-            if l.held {
-                l.fanotify_ignores(self.fanotify.as_ref(), false);
-            }
-        }
+        self.files.remove(&key);
         self.refused.remove(&key);
     }
 
@@ -164,7 +163,7 @@ impl Leases {
             if now == libc::F_RDLCK as libc::c_int {
                 continue;
             }
-            l.fanotify_ignores(self.fanotify.as_ref(), false);
+            l.fanotify_leased(self.fanotify.as_ref(), false);
             let _ = set_lease(&l.file, libc::F_UNLCK);
             l.held = false;
             released += 1;
@@ -182,7 +181,7 @@ impl Leases {
         for l in self.files.values_mut().filter(|l| !l.held) {
             if set_lease(&l.file, libc::F_RDLCK).is_ok() {
                 l.held = true;
-                l.fanotify_ignores(self.fanotify.as_ref(), true);
+                l.fanotify_leased(self.fanotify.as_ref(), true);
                 debug!(path = %l.path.display(), "credential leased again");
             }
         }

@@ -54,6 +54,58 @@ pub fn has_fanotify_group(pid: u32) -> bool {
     })
 }
 
+/// One mark of a fanotify group, as /proc/<pid>/fdinfo lists it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum FanotifyMark {
+    /// `ino:` (hex in fdinfo) with the filesystem's `sdev:`.
+    Inode {
+        ino: u64,
+        ignored_only: bool,
+    },
+    Mount {
+        mnt_id: u64,
+    },
+    Filesystem,
+}
+
+/// The marks of every fanotify group `pid` holds. `ignored_only`: an inode
+/// mark that only ignores (mask 0, an ignore mask).
+pub fn fanotify_marks_of(pid: u32) -> Vec<FanotifyMark> {
+    let mut out = Vec::new();
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
+        return out;
+    };
+    for e in dir.flatten() {
+        let Ok(text) = std::fs::read_to_string(e.path()) else {
+            continue;
+        };
+        for line in text.lines() {
+            let Some(rest) = line.strip_prefix("fanotify ") else {
+                continue;
+            };
+            let field = |k: &str| {
+                rest.split_whitespace()
+                    .find_map(|w| w.strip_prefix(k))
+                    .and_then(|v| u64::from_str_radix(v, 16).ok())
+            };
+            if let Some(ino) = field("ino:") {
+                let ignored_only = field("mask:") == Some(0) && field("ignored_mask:") != Some(0);
+                out.push(FanotifyMark::Inode { ino, ignored_only });
+            } else if let Some(v) = rest
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix("mnt_id:"))
+            {
+                out.push(FanotifyMark::Mount {
+                    mnt_id: u64::from_str_radix(v, 16).unwrap_or(0),
+                });
+            } else if field("sdev:").is_some() {
+                out.push(FanotifyMark::Filesystem);
+            }
+        }
+    }
+    out
+}
+
 /// Ids of the BPF programs loaded in the kernel right now.
 pub fn loaded_program_ids() -> BTreeSet<u32> {
     aya::programs::loaded_programs()

@@ -88,8 +88,11 @@ fn rotation_with_the_lease_sensor() {
     rotation("lease", false);
 }
 
-/// Nor with the hybrid sensor: the new token is not leased yet, so the
-/// volume's filesystem mark asks the daemon about it until it is.
+/// Nor with the hybrid sensor: kubelet's open that creates the new token
+/// passes the mount mark on kubelet's mount, and the new inode gets an
+/// inode mark before kubelet writes it, so the container's reads (through
+/// its bind mount, which no volume mark covers) ask the daemon until the
+/// inode is leased.
 #[test]
 fn rotation_has_no_detection_gap_hybrid() {
     rotation("hybrid", true);
@@ -102,6 +105,97 @@ fn rotation_has_no_detection_gap_hybrid() {
 #[ignore = "known gap of --open-sensor tracepoint: reads of a rotated token before the inventory upsert (~30 ms) are not seen"]
 fn rotation_has_no_detection_gap_tracepoint() {
     rotation("tracepoint", true);
+}
+
+fn lease_gauge(d: &Daemon, state: &str) -> Option<i64> {
+    d.metrics_text().lines().find_map(|l| {
+        l.strip_prefix(&format!("detector_credential_leases{{state=\"{state}\"}} "))
+            .and_then(|v| v.trim().parse().ok())
+    })
+}
+
+/// The hybrid sensor's price on a leased token is the lease check alone:
+/// no fanotify mark is on the way of a pod's open of it. The volume has a
+/// mount mark (kubelet's mount, which pods' bind mounts are not), no
+/// filesystem mark (the kernel would walk it on every open of the volume),
+/// and the token no inode mark while it is leased. While a writer holds the
+/// token, the lease is given up and the inode mark is back; once the writer
+/// closes, the lease is back and the mark is off again.
+#[test]
+fn hybrid_puts_no_fanotify_mark_in_the_way_of_a_leased_token() {
+    use detector_tests::kernel::{fanotify_marks_of, FanotifyMark};
+    require_root();
+    let kubelet = Tmpfs::new("invd-marks");
+    let uid = new_pod_uid();
+    let vol = kubelet
+        .dir
+        .join("pods")
+        .join(&uid)
+        .join("volumes/kubernetes.io~projected/kube-api-access-m4rk5");
+    std::fs::create_dir_all(&vol).unwrap();
+    let _vol_mount = TmpfsOn::mount(&vol);
+    kubelet_atomic_write(&vol, &[("token", "token-1"), ("ca.crt", "ca")]);
+    let token = vol.join("token");
+    let ino = std::fs::metadata(&token).unwrap().ino();
+    let kdir = kubelet.dir.display().to_string();
+    let d = Daemon::start(&["--open-sensor", "hybrid", "--kubelet-dir", &kdir]).expect("daemon");
+    let pid = d.child.id();
+    let token_marked = |marks: &[FanotifyMark]| {
+        marks
+            .iter()
+            .any(|m| matches!(m, FanotifyMark::Inode { ino: i, .. } if *i == ino))
+    };
+    let settle = |state: &str, marked: bool, what: &str| {
+        wait_for(Duration::from_secs(10), || {
+            let marks = fanotify_marks_of(pid);
+            (lease_gauge(&d, state) == Some(1) && token_marked(&marks) == marked).then_some(marks)
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "{what}: leases held={:?} waiting={:?}, marks {:?}\n{}",
+                lease_gauge(&d, "held"),
+                lease_gauge(&d, "waiting"),
+                fanotify_marks_of(pid),
+                d.log()
+            )
+        })
+    };
+    let marks = settle("held", false, "the leased token still has an inode mark");
+    assert_eq!(
+        marks
+            .iter()
+            .filter(|m| matches!(m, FanotifyMark::Mount { .. }))
+            .count(),
+        1,
+        "one mount mark for the volume: {marks:?}"
+    );
+    assert!(
+        !marks.contains(&FanotifyMark::Filesystem),
+        "no filesystem mark in hybrid mode: {marks:?}"
+    );
+    assert!(
+        !marks.iter().any(|m| matches!(
+            m,
+            FanotifyMark::Inode {
+                ignored_only: true,
+                ..
+            }
+        )),
+        "no ignore marks: {marks:?}"
+    );
+
+    // A writer breaks the lease: the mark goes back on first.
+    let writer = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&token)
+        .unwrap();
+    settle(
+        "waiting",
+        true,
+        "a token given up to a writer has no inode mark",
+    );
+    drop(writer);
+    settle("held", false, "the mark stays after the lease is back");
 }
 
 fn rotation(sensor: &str, strict_gap: bool) {

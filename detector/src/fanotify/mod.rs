@@ -47,6 +47,20 @@
 //!   inventory changes). The kernel drops an inode's marks when its last
 //!   link is unlinked.
 //!
+//! # With leases (`--open-sensor hybrid`, `Config::hybrid`)
+//! A filesystem mark makes the kernel walk the group's marks on every open
+//! of that filesystem, an ignored inode's too: about 12 % of an open+close
+//! (docs/BENCHMARKS.md). So where the lease sensor sees the opens, no mark
+//! of ours is on their way:
+//! - every credential inode gets an inode mark, which the lease sensor
+//!   takes off while it holds the file's lease and puts back before giving
+//!   the lease up (`InodeMarks`);
+//! - a volume gets a `FAN_MARK_MOUNT` mark on the mount its writer uses
+//!   (kubelet's, in the host's mount namespace: `writer_view`), not on the
+//!   filesystem. Pods open through bind mounts of it, which that mark does
+//!   not cover; kubelet's open that creates a rotated token does, and the
+//!   new inode gets its inode mark before kubelet may write it.
+//!
 //! # What it covers
 //! Every way of opening the file: any path (symlink, hardlink, bind mount,
 //! `/proc/<pid>/root`), `open`, `openat`, `openat2`, `creat`,
@@ -121,6 +135,10 @@ pub struct Config {
     /// `--credential-dedup-ms`: a process's re-opens of a credential within
     /// it are counted, not reported one by one (zero: every open reported).
     pub dedup: Duration,
+    /// The lease sensor sees what it has leased (`--open-sensor hybrid`):
+    /// volumes get a mount mark on their writer's mount, not a filesystem
+    /// mark, and the inodes their own marks (see the module's doc).
+    pub hybrid: bool,
 }
 
 impl Config {
@@ -130,6 +148,7 @@ impl Config {
             queue: 8192,
             watchdog: Duration::from_secs(1),
             dedup: Duration::ZERO,
+            hybrid: false,
         }
     }
 }
@@ -156,13 +175,18 @@ impl Stats {
         let marks = IntGaugeVec::new(
             Opts::new(
                 "detector_fanotify_marks",
-                "fanotify marks on credential files, by scope.",
+                "fanotify marks on credential files and volumes, by scope (inode: credentials given an inode mark; with --open-sensor hybrid the lease sensor takes it off while it holds the file's lease).",
             ),
             &["scope"],
         )?;
         registry.register(Box::new(marks.clone()))?;
-        marks.with_label_values(&["inode"]);
-        marks.with_label_values(&["filesystem"]);
+        for scope in [
+            sys::MarkScope::Inode,
+            sys::MarkScope::Filesystem,
+            sys::MarkScope::Mount,
+        ] {
+            marks.with_label_values(&[scope.name()]);
+        }
         let answer_seconds = Histogram::with_opts(
             HistogramOpts::new(
                 "detector_fanotify_answer_seconds",
@@ -257,9 +281,12 @@ struct Discovered {
     meta: Credential,
 }
 
-/// Our bookkeeping of one `FAN_MARK_FILESYSTEM` mark.
+/// Our bookkeeping of one volume's mark (`FAN_MARK_FILESYSTEM`, or
+/// `FAN_MARK_MOUNT` on the writer's mount with `Config::hybrid`).
 struct FsMark {
+    /// The path marked.
     dir: PathBuf,
+    scope: sys::MarkScope,
     /// Inventory credentials on it; the mark goes with the last one.
     keys: HashSet<(u64, u64)>,
     /// Credentials found by name on it that the inventory has not (yet)
@@ -285,8 +312,9 @@ pub struct FanotifySensor {
     responder: Option<JoinHandle<()>>,
     /// Inode marks we added: credential -> the path marked.
     inode_marks: StdHashMap<(u64, u64), PathBuf>,
-    /// Filesystem marks, by st_dev.
+    /// Volume marks, by st_dev.
     fs_marks: StdHashMap<u64, FsMark>,
+    hybrid: bool,
     /// Found credentials whose filesystem mark is gone: to drop from the
     /// pipeline's table at the next drain.
     forgotten: Vec<(u64, u64)>,
@@ -294,19 +322,19 @@ pub struct FanotifySensor {
     dead_reported: bool,
 }
 
-/// Lets the lease sensor take leased inodes out of this group's view and
-/// give them back (`--open-sensor hybrid`): a leased inode's opens are
-/// seen by the kernel's lease check, any other by the permission events.
+/// Lets the lease sensor take the inode mark off a leased credential and
+/// put it back (`--open-sensor hybrid`): a leased inode's opens are seen
+/// by the kernel's lease check, any other by the permission events.
 #[derive(Clone)]
-pub struct Ignorer(Arc<Shared>);
+pub struct InodeMarks(Arc<Shared>);
 
-impl Ignorer {
-    /// `ignored`: opens of the inode open as `file` stop (or start again)
-    /// asking the daemon. Fails once the responder has ended.
-    pub fn set(&self, file: &std::fs::File, ignored: bool) -> io::Result<()> {
+impl InodeMarks {
+    /// `marked`: opens of the inode open as `file` ask the daemon (or stop
+    /// asking). Fails once the responder has ended.
+    pub fn set(&self, file: &std::fs::File, marked: bool) -> io::Result<()> {
         let group = self.0.group.read().unwrap_or_else(|e| e.into_inner());
         match group.as_ref() {
-            Some(g) => sys::ignore(g.raw(), ignored, file.as_raw_fd()),
+            Some(g) => sys::mark_file(g.raw(), marked, file.as_raw_fd()),
             None => Err(io::Error::from(io::ErrorKind::BrokenPipe)),
         }
     }
@@ -347,6 +375,7 @@ impl FanotifySensor {
             proc,
             tx,
             own_tgid: std::process::id(),
+            mark_discovered: cfg.hybrid,
         };
         let s = shared.clone();
         let responder = std::thread::Builder::new()
@@ -373,15 +402,16 @@ impl FanotifySensor {
             responder: Some(responder),
             inode_marks: StdHashMap::new(),
             fs_marks: StdHashMap::new(),
+            hybrid: cfg.hybrid,
             forgotten: Vec::new(),
             events: rx,
             dead_reported: false,
         })
     }
 
-    /// A handle for the lease sensor's ignore marks (`Ignorer`).
-    pub fn ignorer(&self) -> Ignorer {
-        Ignorer(self.shared.clone())
+    /// A handle for the lease sensor on the inode marks (`InodeMarks`).
+    pub fn inode_marks(&self) -> InodeMarks {
+        InodeMarks(self.shared.clone())
     }
 
     /// Follow the inventory. Call after the pipeline applied `update` to
@@ -417,36 +447,13 @@ impl FanotifySensor {
         let k = (f.dev, f.ino);
         // The id first: an event on the new mark must find it.
         write(&self.shared.credentials).insert(k, id);
-        if let Some(fs) = self.fs_marks.get_mut(&f.dev) {
-            fs.keys.insert(k);
-            fs.discovered.remove(&k);
-            self.add_volume_name(f);
+        // Without leases a volume mark covers its files; with them, pods'
+        // opens do not pass the volume's mark: each file needs its own.
+        if self.watch_volume(f) && !self.hybrid {
             return;
         }
         if self.inode_marks.contains_key(&k) {
             return;
-        }
-        if let Some(dir) = volume::dedicated_tmpfs(f) {
-            self.add_volume_name(f);
-            match self.mark(true, sys::MarkScope::Filesystem, &dir) {
-                Ok(()) => {
-                    info!(volume = %dir.display(), "fanotify filesystem mark on a credential volume");
-                    self.fs_marks.insert(
-                        f.dev,
-                        FsMark {
-                            dir,
-                            keys: HashSet::from([k]),
-                            discovered: HashSet::new(),
-                        },
-                    );
-                    self.set_mark_gauge();
-                    return;
-                }
-                Err(e) => {
-                    write(&self.shared.volumes).remove(&f.dev);
-                    warn!(volume = %dir.display(), error = %e, "no filesystem mark; marking the file only");
-                }
-            }
         }
         let path = &f.real_path;
         if let Err(e) = self.mark(true, sys::MarkScope::Inode, path) {
@@ -463,6 +470,48 @@ impl FanotifySensor {
         debug!(path = %path.display(), id, "fanotify inode mark added");
         self.inode_marks.insert(k, path.clone());
         self.set_mark_gauge();
+    }
+
+    /// The volume mark of `f`'s volume, when kubelet mounted it as a tmpfs
+    /// of its own: present already, or added now. False when there is none.
+    fn watch_volume(&mut self, f: &CredentialFile) -> bool {
+        let k = (f.dev, f.ino);
+        if let Some(fs) = self.fs_marks.get_mut(&f.dev) {
+            fs.keys.insert(k);
+            fs.discovered.remove(&k);
+            self.add_volume_name(f);
+            return true;
+        }
+        let Some(dir) = volume::dedicated_tmpfs(f) else {
+            return false;
+        };
+        self.add_volume_name(f);
+        let (scope, marked) = if self.hybrid {
+            (sys::MarkScope::Mount, volume::writer_view(&dir))
+        } else {
+            (sys::MarkScope::Filesystem, dir)
+        };
+        match self.mark(true, scope, &marked) {
+            Ok(()) => {
+                info!(volume = %marked.display(), scope = scope.name(), "fanotify mark on a credential volume");
+                self.fs_marks.insert(
+                    f.dev,
+                    FsMark {
+                        dir: marked,
+                        scope,
+                        keys: HashSet::from([k]),
+                        discovered: HashSet::new(),
+                    },
+                );
+                self.set_mark_gauge();
+                true
+            }
+            Err(e) => {
+                write(&self.shared.volumes).remove(&f.dev);
+                warn!(volume = %marked.display(), error = %e, "no volume mark; marking the file only");
+                false
+            }
+        }
     }
 
     /// The file's name becomes a credential name of its volume.
@@ -508,13 +557,14 @@ impl FanotifySensor {
                 self.forgotten.extend(fs.discovered);
                 // An unmounted volume took its mark with it.
                 if std::fs::metadata(&fs.dir).is_ok_and(|m| m.dev() == f.dev) {
-                    if let Err(e) = self.mark(false, sys::MarkScope::Filesystem, &fs.dir) {
-                        debug!(volume = %fs.dir.display(), error = %e, "removing a filesystem mark");
+                    if let Err(e) = self.mark(false, fs.scope, &fs.dir) {
+                        debug!(volume = %fs.dir.display(), error = %e, "removing a volume mark");
                     }
                 }
-                info!(volume = %fs.dir.display(), "fanotify filesystem mark removed");
+                info!(volume = %fs.dir.display(), scope = fs.scope.name(), "fanotify volume mark removed");
             }
-        } else if let Some(path) = self.inode_marks.remove(&k) {
+        }
+        if let Some(path) = self.inode_marks.remove(&k) {
             // Gone from its path: the kernel dropped the mark at unlink.
             if key_of(&path) == Some(k) {
                 if let Err(e) = self.mark(false, sys::MarkScope::Inode, &path) {
@@ -565,10 +615,12 @@ impl FanotifySensor {
 
     fn set_mark_gauge(&self) {
         let m = &self.shared.stats.marks;
-        m.with_label_values(&["inode"])
+        m.with_label_values(&[sys::MarkScope::Inode.name()])
             .set(self.inode_marks.len() as i64);
-        m.with_label_values(&["filesystem"])
-            .set(self.fs_marks.len() as i64);
+        for scope in [sys::MarkScope::Filesystem, sys::MarkScope::Mount] {
+            let n = self.fs_marks.values().filter(|m| m.scope == scope).count();
+            m.with_label_values(&[scope.name()]).set(n as i64);
+        }
     }
 
     /// The next credential access waiting for the pipeline. A credential
@@ -767,6 +819,9 @@ struct Responder {
     proc: opener::ProcReader,
     tx: std::sync::mpsc::SyncSender<CredentialAccess>,
     own_tgid: u32,
+    /// `Config::hybrid`: a credential found on a volume's mount mark gets
+    /// an inode mark at once, so that pods' opens of it are seen too.
+    mark_discovered: bool,
 }
 
 impl Responder {
@@ -862,6 +917,13 @@ impl Responder {
         let Some(id) = known.or_else(|| self.discover(ev.fd, &st)) else {
             return; // another file on a marked filesystem, or just unwatched
         };
+        if known.is_none() && self.mark_discovered {
+            // Before the answer: kubelet's open that created the file waits
+            // for it, so nothing has been written to it yet.
+            if let Err(e) = sys::mark_file(self.fan, true, ev.fd) {
+                error!(ino, error = %e, "cannot mark a new credential inode; pods' opens of it are not seen until it is leased");
+            }
+        }
         let now = boottime_ns();
         let tid = ev.tid as u32;
         if self.repeat_of_known_holder(tid, id, now) {

@@ -32,11 +32,25 @@ const EVENT_F_FLAGS: libc::c_uint = (libc::O_RDONLY | libc::O_CLOEXEC | libc::O_
 #[derive(Debug)]
 pub struct Group(OwnedFd);
 
-/// Where a mark goes: one inode, or every inode of a filesystem.
+/// Where a mark goes: one inode, every inode of a filesystem, or every
+/// open made through one mount (one `vfsmount`: a bind mount of the same
+/// filesystem elsewhere is another mount, not covered).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MarkScope {
     Inode,
     Filesystem,
+    Mount,
+}
+
+impl MarkScope {
+    /// The label of the `detector_fanotify_marks` gauge.
+    pub fn name(self) -> &'static str {
+        match self {
+            MarkScope::Inode => "inode",
+            MarkScope::Filesystem => "filesystem",
+            MarkScope::Mount => "mount",
+        }
+    }
 }
 
 impl Group {
@@ -70,9 +84,11 @@ pub fn mark(group: RawFd, add: bool, scope: MarkScope, path: &Path) -> io::Resul
     } else {
         libc::FAN_MARK_REMOVE
     };
-    if scope == MarkScope::Filesystem {
-        flags |= libc::FAN_MARK_FILESYSTEM;
-    }
+    flags |= match scope {
+        MarkScope::Inode => 0,
+        MarkScope::Filesystem => libc::FAN_MARK_FILESYSTEM,
+        MarkScope::Mount => libc::FAN_MARK_MOUNT,
+    };
     // SAFETY: valid NUL-terminated path, plain syscall.
     let rc = unsafe {
         libc::fanotify_mark(
@@ -89,21 +105,24 @@ pub fn mark(group: RawFd, add: bool, scope: MarkScope, path: &Path) -> io::Resul
     Ok(())
 }
 
-/// Add (or remove) an ignore mask of `FAN_OPEN_PERM` on the inode open as
-/// `file`: the group's marks (a volume's filesystem mark included) no
-/// longer ask about opens of that inode. It survives writes to the file.
-pub fn ignore(group: RawFd, add: bool, file: RawFd) -> io::Result<()> {
-    let flags = libc::FAN_MARK_IGNORED_MASK
-        | if add {
-            libc::FAN_MARK_ADD | libc::FAN_MARK_IGNORED_SURV_MODIFY
-        } else {
-            libc::FAN_MARK_REMOVE
-        };
+/// Add (or remove) an inode mark of `FAN_OPEN_PERM` on the inode open as
+/// `file` (not on a path, which may name another inode by now). Removing
+/// a mark that is not there is not an error.
+pub fn mark_file(group: RawFd, add: bool, file: RawFd) -> io::Result<()> {
+    let flags = if add {
+        libc::FAN_MARK_ADD
+    } else {
+        libc::FAN_MARK_REMOVE
+    };
     // SAFETY: plain syscall; a NULL path marks the object `file` refers to.
     let rc =
         unsafe { libc::fanotify_mark(group, flags, libc::FAN_OPEN_PERM, file, std::ptr::null()) };
     if rc < 0 {
-        return Err(io::Error::last_os_error());
+        let e = io::Error::last_os_error();
+        if !add && e.raw_os_error() == Some(libc::ENOENT) {
+            return Ok(());
+        }
+        return Err(e);
     }
     Ok(())
 }

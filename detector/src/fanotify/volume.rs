@@ -31,6 +31,25 @@ pub fn dedicated_tmpfs(f: &CredentialFile) -> Option<PathBuf> {
     is_whole_tmpfs_at(&mountinfo, &canon).then_some(dir)
 }
 
+/// The volume directory `dir` as kubelet sees it: through the root of the
+/// host's init (pid 1, visible with `hostPID`), so that a mount mark lands
+/// on kubelet's mount in the host's mount namespace, not on the copy that
+/// mount propagation made in ours (a DaemonSet's `hostPath`). `dir` itself
+/// when that path is not the same directory (no `hostPID`, or a kubelet
+/// directory mounted elsewhere in the container).
+pub fn writer_view(dir: &Path) -> PathBuf {
+    let host = Path::new("/proc/1/root").join(dir.strip_prefix("/").unwrap_or(dir));
+    let same = |a: &Path, b: &Path| match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
+        _ => false,
+    };
+    if same(&host, dir) {
+        host
+    } else {
+        dir.to_path_buf()
+    }
+}
+
 /// `…/volumes/<plugin>/<vol>/…/file` -> `…/volumes/<plugin>/<vol>`.
 fn volume_dir(path: &Path, vol: &str) -> Option<PathBuf> {
     let mut p = path.parent();
