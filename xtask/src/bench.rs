@@ -3,7 +3,7 @@
 //! Configurations, measured side by side in one run:
 //! - `none`: nothing of ours attached;
 //! - `detector`: `target/release/detector run --open-sensor tracepoint`
-//!   with a credential file, an empty kubelet directory, alerts to
+//!   with a kubelet directory holding one pod's token volume, alerts to
 //!   /dev/null, metrics on loopback; we measure once `/readyz` answers 200
 //!   (every probe attached);
 //! - `detector (fanotify)`: the same with `--open-sensor fanotify` (no
@@ -148,7 +148,7 @@ const CASES: &[Case] = &[
         hold: false,
     },
     Case {
-        label: "(b) open+close, credential file (tmpfs, `--credential-file`)",
+        label: "(b) open+close, a pod's token (projected volume, via the pod's bind mount)",
         short: "open credential",
         workload: Workload::Open,
         iters: 200_000,
@@ -270,6 +270,88 @@ impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
+}
+
+/// A service-account token laid out as on a node: kubelet's projected
+/// volume, a tmpfs of its own under `<kubelet>/pods/<uid>/volumes/…`, with
+/// kubelet's `..<timestamp>/token` + `..data` layout, and the pod's view of
+/// it, a bind mount (as the runtime makes one for each container). The
+/// workloads open the token through the pod's view, as a pod does: the
+/// sensors' volume marks sit on kubelet's mount (hybrid) or on the whole
+/// filesystem (fanotify).
+struct PodVolume {
+    /// The token's file through the pod's view (its `..<timestamp>` path,
+    /// so the symlinks are not part of what is measured).
+    token: PathBuf,
+    mounts: Vec<PathBuf>,
+}
+
+impl PodVolume {
+    fn new(kubelet: &Path, view: &Path) -> Result<PodVolume> {
+        let vol = kubelet.join(
+            "pods/0b5e7c2a-bench-0000-0000-000000000001/volumes/kubernetes.io~projected/kube-api-access-bench",
+        );
+        std::fs::create_dir_all(&vol)?;
+        std::fs::create_dir_all(view)?;
+        let mut pv = PodVolume {
+            token: PathBuf::new(),
+            mounts: Vec::new(),
+        };
+        mount(Some(Path::new("tmpfs")), &vol, Some("tmpfs"), 0)?;
+        pv.mounts.push(vol.clone());
+        let ts = "..2026_01_01_00_00_00.000000001";
+        std::fs::create_dir(vol.join(ts))?;
+        std::fs::write(
+            vol.join(ts).join("token"),
+            "bench-placeholder-not-a-real-token\n",
+        )?;
+        std::os::unix::fs::symlink(ts, vol.join("..data"))?;
+        std::os::unix::fs::symlink("..data/token", vol.join("token"))?;
+        mount(Some(&vol), view, None, libc::MS_BIND)?;
+        pv.mounts.push(view.to_path_buf());
+        pv.token = view.join(ts).join("token");
+        Ok(pv)
+    }
+}
+
+impl Drop for PodVolume {
+    fn drop(&mut self) {
+        for m in self.mounts.iter().rev() {
+            let Ok(c) = std::ffi::CString::new(m.as_os_str().as_encoded_bytes()) else {
+                continue;
+            };
+            // SAFETY: a valid C string; detaching a mount we made.
+            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        }
+    }
+}
+
+/// mount(2): `source` on `target` (None: no source, no type).
+fn mount(
+    source: Option<&Path>,
+    target: &Path,
+    fstype: Option<&str>,
+    flags: libc::c_ulong,
+) -> Result<()> {
+    let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_encoded_bytes());
+    let src = source.map(c).transpose()?;
+    let tgt = c(target)?;
+    let ty = fstype.map(std::ffi::CString::new).transpose()?;
+    // SAFETY: valid C strings or NULL; no data argument.
+    let rc = unsafe {
+        libc::mount(
+            src.as_ref().map_or(std::ptr::null(), |s| s.as_ptr()),
+            tgt.as_ptr(),
+            ty.as_ref().map_or(std::ptr::null(), |s| s.as_ptr()),
+            flags,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("mounting on {}", target.display()));
+    }
+    Ok(())
 }
 
 struct Env {
@@ -453,8 +535,6 @@ fn start(cfg: Config, env: &Env, round: usize, ready_timeout: Duration) -> Resul
             let mut cmd = Command::new(&env.detector);
             cmd.arg("run")
                 .args(["--open-sensor", cfg.open_sensor().unwrap_or("auto")])
-                .arg("--credential-file")
-                .arg(&env.cred)
                 .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
                 .arg("--kubelet-dir")
                 .arg(&env.kubelet)
@@ -992,11 +1072,10 @@ pub fn bench(args: BenchArgs) -> Result<ExitCode> {
     std::fs::create_dir_all(&dir)?;
     let _cleanup = TempDir(dir.clone());
     let plain = dir.join("ordinary-file");
-    let cred = dir.join("token");
-    let kubelet = dir.join("kubelet-empty");
     std::fs::write(&plain, "bench: an ordinary file\n")?;
-    std::fs::write(&cred, "bench-placeholder-not-a-real-token\n")?;
-    std::fs::create_dir_all(&kubelet)?;
+    let kubelet = dir.join("kubelet");
+    let pod = PodVolume::new(&kubelet, &dir.join("pod-view"))?;
+    let cred = pod.token.clone();
     // The last CPU: the workload always runs on the same one, the daemon
     // (and everything else) wherever the scheduler puts it, and the
     // loopback listener off it.
@@ -1345,7 +1424,12 @@ A/A rows take the program over but attach it on neither side.
   body is direct libc calls, so its own cost is the syscalls), with a short warm-up (2 % of the
   iterations) before the timed loop:
   - (a) `open(O_RDONLY)` + `close` of an ordinary file on tmpfs (`/dev/shm`);
-  - (b) the same on a file in the same directory passed to the daemon with `--credential-file`;
+  - (b) the same on a pod's service-account token laid out as on a node: kubelet's projected volume is
+    a tmpfs of its own under `<kubelet>/pods/<uid>/volumes/kubernetes.io~projected/`, with kubelet's
+    `..<timestamp>/token` and `..data` layout, found by the daemon's inventory (`--kubelet-dir`); the
+    workload opens the token's `..<timestamp>/token` path through a bind mount of the volume, as a
+    container does (the fanotify sensor's filesystem mark and the hybrid sensor's mount mark on
+    kubelet's mount are where they are on a node);
   - (c) `socket` + `connect` + `close` to a listener on 127.0.0.1 inside the bench process (the client
     closes with `SO_LINGER` 0, so no TIME_WAIT accumulates); (c') the same from a process that opened
     the credential file once before the loop, i.e. a credential *holder* for the detector;
@@ -1365,8 +1449,8 @@ A/A rows take the program over but attach it on neither side.
   holder's connect (an event per connect), not an ordinary one.
 - **Configurations**:
   - `none` — nothing of ours attached;
-  - `detector` (tracepoints) — `target/release/detector run --open-sensor tracepoint --credential-file <file>
-    --metrics-addr 127.0.0.1:<port> --kubelet-dir <empty dir> --alerts /dev/null` (default mode, no
+  - `detector` (tracepoints) — `target/release/detector run --open-sensor tracepoint --kubelet-dir
+    <the kubelet directory above> --metrics-addr 127.0.0.1:<port> --alerts /dev/null` (default mode, no
     intents), measured once `/readyz` answers 200, stopped with SIGTERM after the round's workloads;
   - `detector (fanotify)` (raw samples: `fanotify`) — the same with `--open-sensor fanotify`: no syscall
     tracepoint attached; an open of the credential file waits until the daemon has recorded the opener
