@@ -155,12 +155,11 @@ pub enum OpenSensor {
     /// the daemon: other opens pay nothing, credential opens a little
     /// (needs CAP_LEASE).
     Lease,
-    /// Lease where the lease is held, fanotify elsewhere: a filesystem or
-    /// inode mark as `fanotify` sets, with every leased inode ignored by
-    /// it, so a rotated token's new inode (before it is leased) and a
-    /// file a writer holds (lease given up) still make their openers wait
-    /// for the daemon. No gap of either; a leased credential's open costs
-    /// the lease check plus the kernel's walk of the marks (needs
+    /// Lease where the lease is held, fanotify elsewhere: an inode mark on
+    /// every credential not leased (a rotated token's new inode before its
+    /// lease, a file a writer holds) and a mount mark on kubelet's mount of
+    /// each volume, which sees kubelet create a rotated token; no mark on a
+    /// leased file, whose open costs the lease check alone (needs
     /// CAP_SYS_ADMIN and CAP_LEASE).
     Hybrid,
 }

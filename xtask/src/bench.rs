@@ -1463,8 +1463,10 @@ A/A rows take the program over but attach it on neither side.
     `filelock:leases_conflict` for opens of that file only; the program runs in the opener's context
     (holder recorded before the open returns), with no syscall tracepoint and no round trip;
   - `detector (hybrid)` (raw samples: `hybrid`) — `--open-sensor hybrid`: the lease as above, and the
-    fanotify group of `fanotify` with an ignore mark on the leased file, so the open of the leased file
-    pays the lease check and the kernel's walk of the fanotify marks, and no round trip;
+    fanotify group of `fanotify`, whose marks stay out of the leased file's way: a mount mark on
+    kubelet's mount of the volume (the pod's bind mount is another mount) and no inode mark while the
+    lease is held. The open of the leased token pays the lease check, no round trip, and what any mark
+    on the same filesystem costs the kernel's open path (about 2.5 % of an open+close, measured alone);
   - `bpftrace` — `bpftrace -e '{bt_prog}'`, measured once it printed `Attaching 1 probe...` plus 0.5 s;
     a sentinel open of the token path from a thread with a unique name must appear in its map at exit,
     else that round's bpftrace samples are discarded.
