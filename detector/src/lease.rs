@@ -149,7 +149,11 @@ impl Leases {
     /// Drops the lease of a credential that is gone (closing the file ends
     /// it). No fanotify mark goes back on: the file is no credential now.
     pub fn remove(&mut self, key: FileKey) {
-        self.files.remove(&key);
+        if self.files.remove(&key).is_some() {
+            if let Some(f) = &self.fanotify {
+                f.forget(key);
+            }
+        }
         self.refused.remove(&key);
     }
 

@@ -184,6 +184,63 @@ fn hybrid_puts_no_fanotify_mark_in_the_way_of_a_leased_token() {
         "no ignore marks: {marks:?}"
     );
 
+    // A host process opens the leased token through kubelet's mount, whose
+    // mark stays: the responder is asked but leaves the open to the lease
+    // check, so the one open is reported once and counted once.
+    let metric = |name: &str| -> u64 {
+        d.metrics_text()
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in the metrics"))
+    };
+    const ASKED: &str = "detector_fanotify_permission_events_total";
+    const REPORTED: &str = "detector_fanotify_credential_opens_total";
+    let (asked, reported) = (metric(ASKED), metric(REPORTED));
+    let cat = std::process::Command::new("cat")
+        .arg(&token)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let cat_pid = cat.id() as u64;
+    assert!(cat.wait_with_output().unwrap().status.success());
+    // Its reports plus what they stand for plus what its exit carried out
+    // of the open window: one open.
+    let (reports, counted) = wait_for(Duration::from_secs(5), || {
+        let ev = d.events();
+        let exit = ev
+            .iter()
+            .find(|e| e["event"] == "exit" && e["tgid"] == cat_pid)?;
+        let reads: Vec<&Value> = ev
+            .iter()
+            .filter(|e| e["event"] == "credential_access" && e["tgid"] == cat_pid)
+            .collect();
+        let sum: u64 = reads
+            .iter()
+            .map(|e| 1 + e["repeats"].as_u64().unwrap_or(0))
+            .sum();
+        Some((
+            reads.len(),
+            sum + exit["unreported_reads"].as_u64().unwrap_or(0),
+        ))
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "the host's read of the leased token or its exit is not seen\n{}",
+            d.log()
+        )
+    });
+    assert_eq!(
+        (reports, counted),
+        (1, 1),
+        "one open, reported and counted once"
+    );
+    assert!(metric(ASKED) > asked, "kubelet's mount is marked");
+    assert_eq!(
+        metric(REPORTED),
+        reported,
+        "the responder reported a leased open"
+    );
+
     // A writer breaks the lease: the mark goes back on first.
     let writer = std::fs::OpenOptions::new()
         .append(true)

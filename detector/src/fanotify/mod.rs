@@ -241,6 +241,9 @@ struct Shared {
     volumes: RwLock<StdHashMap<u64, Volume>>,
     /// Credentials the responder found by name, for the pipeline's table.
     discovered: Mutex<Vec<Discovered>>,
+    /// Credentials the lease sensor holds a lease on (hybrid): it reports
+    /// their opens, we don't.
+    leased: RwLock<HashSet<(u64, u64)>>,
     next_id: AtomicU32,
     inflight: Mutex<Inflight>,
     stats: Stats,
@@ -255,6 +258,7 @@ impl Shared {
             credentials: RwLock::new(StdHashMap::new()),
             volumes: RwLock::new(StdHashMap::new()),
             discovered: Mutex::new(Vec::new()),
+            leased: RwLock::new(HashSet::new()),
             next_id: AtomicU32::new(FIRST_DISCOVERED_ID),
             inflight: Mutex::new(Inflight {
                 fd: -1,
@@ -330,13 +334,30 @@ pub struct InodeMarks(Arc<Shared>);
 
 impl InodeMarks {
     /// `marked`: opens of the inode open as `file` ask the daemon (or stop
-    /// asking). Fails once the responder has ended.
+    /// asking). While it is unmarked (leased), an open that still reaches
+    /// the responder (through kubelet's mount, whose mark stays) is left
+    /// to the lease sensor, so that one open is not counted twice. Fails
+    /// once the responder has ended.
     pub fn set(&self, file: &std::fs::File, marked: bool) -> io::Result<()> {
+        let md = file.metadata()?;
+        let key = (md.dev(), md.ino());
         let group = self.0.group.read().unwrap_or_else(|e| e.into_inner());
-        match group.as_ref() {
-            Some(g) => sys::mark_file(g.raw(), marked, file.as_raw_fd()),
-            None => Err(io::Error::from(io::ErrorKind::BrokenPipe)),
+        let Some(g) = group.as_ref() else {
+            return Err(io::Error::from(io::ErrorKind::BrokenPipe));
+        };
+        if marked {
+            let r = sys::mark_file(g.raw(), true, file.as_raw_fd());
+            write(&self.0.leased).remove(&key);
+            r
+        } else {
+            write(&self.0.leased).insert(key);
+            sys::mark_file(g.raw(), false, file.as_raw_fd())
         }
+    }
+
+    /// The credential `(st_dev, st_ino)` is gone: no lease, no mark.
+    pub fn forget(&self, key: (u64, u64)) {
+        write(&self.0.leased).remove(&key);
     }
 }
 
@@ -913,6 +934,9 @@ impl Responder {
             }
         };
         let (dev, ino) = (st.st_dev, st.st_ino);
+        if read(&self.shared.leased).contains(&(dev, ino)) {
+            return; // the lease check reports it, in the opener's context
+        }
         let known = read(&self.shared.credentials).get(&(dev, ino)).copied();
         let Some(id) = known.or_else(|| self.discover(ev.fd, &st)) else {
             return; // another file on a marked filesystem, or just unwatched
