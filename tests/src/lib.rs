@@ -261,6 +261,21 @@ impl Daemon {
     /// Like `start`, with its files in `dir` (created if needed, appended to,
     /// never removed): a restarted daemon writes on where the last one stopped.
     pub fn start_in(dir: &Path, args: &[&str]) -> Result<Daemon> {
+        Daemon::spawn(dir, args, false)
+    }
+
+    /// Like `start`, in a mount namespace of its own whose mounts are
+    /// slaves of ours, as a DaemonSet's container sees the host's kubelet
+    /// directory (`hostPath` with `HostToContainer` propagation): the same
+    /// files, through copies of our mounts.
+    pub fn start_with_own_mounts(args: &[&str]) -> Result<Daemon> {
+        let dir = std::env::temp_dir().join(unique("detector-daemon"));
+        let mut d = Daemon::spawn(&dir, args, true)?;
+        d.keep_dir = false;
+        Ok(d)
+    }
+
+    fn spawn(dir: &Path, args: &[&str], own_mounts: bool) -> Result<Daemon> {
         let dir = dir.to_path_buf();
         std::fs::create_dir_all(&dir)?;
         let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
@@ -291,6 +306,26 @@ impl Daemon {
             // Keep tests independent of whatever this host has in /var/lib/kubelet.
             let empty = dir.join("no-kubelet");
             cmd.arg("--kubelet-dir").arg(empty);
+        }
+        if own_mounts {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: only async-signal-safe syscalls between fork and exec.
+            unsafe {
+                cmd.pre_exec(|| {
+                    if libc::unshare(libc::CLONE_NEWNS) != 0
+                        || libc::mount(
+                            std::ptr::null(),
+                            c"/".as_ptr(),
+                            std::ptr::null(),
+                            libc::MS_REC | libc::MS_SLAVE,
+                            std::ptr::null(),
+                        ) != 0
+                    {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
         }
         let child = cmd
             .spawn()

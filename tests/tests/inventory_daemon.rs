@@ -255,7 +255,51 @@ fn hybrid_puts_no_fanotify_mark_in_the_way_of_a_leased_token() {
     settle("held", false, "the mark stays after the lease is back");
 }
 
+/// As a DaemonSet runs it: the daemon in a mount namespace of its own, which
+/// sees kubelet's volumes through copies of kubelet's mounts. Kubelet (here
+/// the test, next to a process named `kubelet` in the test's mount
+/// namespace) creates the rotated token through its own mount, so the
+/// hybrid sensor must mark kubelet's mount (through `/proc/<kubelet>/root`),
+/// not the daemon's copy, or the new inode goes unseen until it is leased.
+#[test]
+fn rotation_has_no_detection_gap_hybrid_with_the_daemon_in_its_own_mount_namespace() {
+    require_root();
+    let _kubelet = NamedProcess::start("kubelet");
+    rotation_with("hybrid", true, true);
+}
+
+/// A `sleep` whose `comm` is `name` (run through a symlink of that name),
+/// killed on drop.
+struct NamedProcess {
+    child: std::process::Child,
+    dir: std::path::PathBuf,
+}
+
+impl NamedProcess {
+    fn start(name: &str) -> NamedProcess {
+        let dir = std::env::temp_dir().join(format!("named-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let exe = dir.join(name);
+        let _ = std::fs::remove_file(&exe);
+        std::os::unix::fs::symlink("/bin/sleep", &exe).unwrap();
+        let child = std::process::Command::new(&exe).arg("600").spawn().unwrap();
+        NamedProcess { child, dir }
+    }
+}
+
+impl Drop for NamedProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 fn rotation(sensor: &str, strict_gap: bool) {
+    rotation_with(sensor, strict_gap, false);
+}
+
+fn rotation_with(sensor: &str, strict_gap: bool, own_mounts: bool) {
     require_root();
     let kubelet = Tmpfs::new("invd-kubelet");
     let uid = new_pod_uid();
@@ -270,16 +314,28 @@ fn rotation(sensor: &str, strict_gap: bool) {
 
     let kdir = kubelet.dir.display().to_string();
     let grace = format!("{}s", GRACE.as_secs());
-    let d = Daemon::start(&[
+    let args = [
         "--open-sensor",
         sensor,
         "--kubelet-dir",
         &kdir,
         "--rotation-grace",
         &grace,
-    ])
+    ];
+    let d = if own_mounts {
+        Daemon::start_with_own_mounts(&args)
+    } else {
+        Daemon::start(&args)
+    }
     .expect("daemon");
     let dpid = d.child.id();
+    if own_mounts {
+        assert_ne!(
+            std::fs::read_link(format!("/proc/{dpid}/ns/mnt")).unwrap(),
+            std::fs::read_link("/proc/self/ns/mnt").unwrap(),
+            "the daemon should have a mount namespace of its own"
+        );
+    }
     let creds = credentials_of(dpid);
     let id1 = *creds
         .get(&k1)

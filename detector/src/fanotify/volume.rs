@@ -31,23 +31,38 @@ pub fn dedicated_tmpfs(f: &CredentialFile) -> Option<PathBuf> {
     is_whole_tmpfs_at(&mountinfo, &canon).then_some(dir)
 }
 
-/// The volume directory `dir` as kubelet sees it: through the root of the
-/// host's init (pid 1, visible with `hostPID`), so that a mount mark lands
-/// on kubelet's mount in the host's mount namespace, not on the copy that
-/// mount propagation made in ours (a DaemonSet's `hostPath`). `dir` itself
-/// when that path is not the same directory (no `hostPID`, or a kubelet
-/// directory mounted elsewhere in the container).
+/// The volume directory `dir` as kubelet sees it, so that a mount mark
+/// lands on kubelet's mount, not on the copy that mount propagation made
+/// in our mount namespace (a DaemonSet's `hostPath`): through the root of
+/// a process named `kubelet`, else of the host's init (pid 1; both visible
+/// with `hostPID`). `dir` itself when neither path is the same directory
+/// (no `hostPID`, no access, or a kubelet directory mounted elsewhere).
 pub fn writer_view(dir: &Path) -> PathBuf {
-    let host = Path::new("/proc/1/root").join(dir.strip_prefix("/").unwrap_or(dir));
-    let same = |a: &Path, b: &Path| match (std::fs::metadata(a), std::fs::metadata(b)) {
-        (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
-        _ => false,
+    let rel = dir.strip_prefix("/").unwrap_or(dir);
+    let Ok(want) = std::fs::metadata(dir) else {
+        return dir.to_path_buf();
     };
-    if same(&host, dir) {
-        host
-    } else {
-        dir.to_path_buf()
-    }
+    pids_named("kubelet")
+        .into_iter()
+        .chain([1])
+        .map(|pid| PathBuf::from(format!("/proc/{pid}/root")).join(rel))
+        .find(|p| {
+            std::fs::metadata(p).is_ok_and(|m| (m.dev(), m.ino()) == (want.dev(), want.ino()))
+        })
+        .unwrap_or_else(|| dir.to_path_buf())
+}
+
+/// Processes whose `comm` is `name`.
+fn pids_named(name: &str) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim_end() == name)
+        })
+        .collect()
 }
 
 /// `…/volumes/<plugin>/<vol>/…/file` -> `…/volumes/<plugin>/<vol>`.
