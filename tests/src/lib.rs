@@ -427,6 +427,24 @@ impl Daemon {
             .unwrap_or_default()
     }
 
+    /// The value of one exported series, `series` being its name and labels
+    /// exactly as exposed (`detector_credential_leases{state="held"}`).
+    pub fn metric(&self, series: &str) -> Option<f64> {
+        self.metrics_text().lines().find_map(|l| {
+            l.strip_prefix(series)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+    }
+
+    /// How many credential files are in lease `state` (held, waiting, refused).
+    pub fn leases(&self, state: &str) -> Option<i64> {
+        self.metric(&format!("detector_credential_leases{{state=\"{state}\"}}"))
+            .map(|v| v as i64)
+    }
+
     pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
         if let Ok(Some(st)) = self.child.try_wait() {
             return Some(st);

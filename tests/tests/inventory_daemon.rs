@@ -107,13 +107,6 @@ fn rotation_has_no_detection_gap_tracepoint() {
     rotation("tracepoint", true);
 }
 
-fn lease_gauge(d: &Daemon, state: &str) -> Option<i64> {
-    d.metrics_text().lines().find_map(|l| {
-        l.strip_prefix(&format!("detector_credential_leases{{state=\"{state}\"}} "))
-            .and_then(|v| v.trim().parse().ok())
-    })
-}
-
 /// The hybrid sensor's price on a leased token is the lease check alone:
 /// no fanotify mark is on the way of a pod's open of it. The volume has a
 /// mount mark (kubelet's mount, which pods' bind mounts are not), no
@@ -148,13 +141,13 @@ fn hybrid_puts_no_fanotify_mark_in_the_way_of_a_leased_token() {
     let settle = |state: &str, marked: bool, what: &str| {
         wait_for(Duration::from_secs(10), || {
             let marks = fanotify_marks_of(pid);
-            (lease_gauge(&d, state) == Some(1) && token_marked(&marks) == marked).then_some(marks)
+            (d.leases(state) == Some(1) && token_marked(&marks) == marked).then_some(marks)
         })
         .unwrap_or_else(|| {
             panic!(
                 "{what}: leases held={:?} waiting={:?}, marks {:?}\n{}",
-                lease_gauge(&d, "held"),
-                lease_gauge(&d, "waiting"),
+                d.leases("held"),
+                d.leases("waiting"),
                 fanotify_marks_of(pid),
                 d.log()
             )
@@ -187,10 +180,8 @@ fn hybrid_puts_no_fanotify_mark_in_the_way_of_a_leased_token() {
     // A host process opens the leased token through kubelet's mount, whose
     // mark stays: the responder is asked but leaves the open to the lease
     // check, so the one open is reported once and counted once.
-    let metric = |name: &str| -> u64 {
-        d.metrics_text()
-            .lines()
-            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+    let metric = |name: &str| {
+        d.metric(name)
             .unwrap_or_else(|| panic!("no {name} in the metrics"))
     };
     const ASKED: &str = "detector_fanotify_permission_events_total";

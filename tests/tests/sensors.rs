@@ -736,16 +736,9 @@ fn killing_the_daemon_leaves_no_program_attached() {
     ok(&out);
 }
 
-fn lease_gauge(d: &Daemon, state: &str) -> Option<i64> {
-    d.metrics_text().lines().find_map(|l| {
-        l.strip_prefix(&format!("detector_credential_leases{{state=\"{state}\"}} "))
-            .and_then(|v| v.trim().parse().ok())
-    })
-}
-
 /// Wait until exactly one credential file is in lease `state`.
 fn wait_lease(d: &Daemon, state: &str, what: &str) {
-    wait_for(WAIT, || (lease_gauge(d, state) == Some(1)).then_some(()))
+    wait_for(WAIT, || (d.leases(state) == Some(1)).then_some(()))
         .unwrap_or_else(|| panic!("{what}; log:\n{}", d.log()));
 }
 
@@ -803,10 +796,8 @@ fn a_writer_breaks_the_lease_briefly_and_reads_are_seen_again_after() {
 }
 
 fn counter(d: &Daemon, name: &str) -> u64 {
-    d.metrics_text()
-        .lines()
-        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in the metrics"))
+    d.metric(name)
+        .unwrap_or_else(|| panic!("no {name} in the metrics")) as u64
 }
 
 /// The hybrid sensor closes the lease sensor's writer gap: a leased
