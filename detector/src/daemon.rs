@@ -782,11 +782,17 @@ pub async fn run(settings: RunSettings) -> Result<()> {
             Some(()) = recv_opt(sigio.as_mut()) => {
                 leases.release_broken();
                 pipeline.metrics_leases(&leases);
+                if let Some(s) = &open_sensor {
+                    s.set_mark_gauge();
+                }
             }
             _ = stats.tick() => {
                 if lease_sensor {
                     leases.retry();
                     pipeline.metrics_leases(&leases);
+                    if let Some(s) = &open_sensor {
+                        s.set_mark_gauge();
+                    }
                 }
                 if let Some(p) = &policy {
                     // A rejected reload changes only the status, not the set.

@@ -153,7 +153,18 @@ fn hybrid_puts_no_fanotify_mark_in_the_way_of_a_leased_token() {
             )
         })
     };
+    // What an SRE sees of it: detector_fanotify_marks by scope.
+    let gauges = |inode: f64, what: &str| {
+        wait_for(Duration::from_secs(10), || {
+            (d.metric(r#"detector_fanotify_marks{scope="inode"}"#) == Some(inode)
+                && d.metric(r#"detector_fanotify_marks{scope="mount"}"#) == Some(1.0)
+                && d.metric(r#"detector_fanotify_marks{scope="filesystem"}"#) == Some(0.0))
+            .then_some(())
+        })
+        .unwrap_or_else(|| panic!("{what}:\n{}", d.metrics_text()))
+    };
     let marks = settle("held", false, "the leased token still has an inode mark");
+    gauges(0.0, "the gauge counts the lifted inode mark");
     assert_eq!(
         marks
             .iter()
@@ -242,6 +253,7 @@ fn hybrid_puts_no_fanotify_mark_in_the_way_of_a_leased_token() {
         true,
         "a token given up to a writer has no inode mark",
     );
+    gauges(1.0, "the gauge misses the inode mark put back");
     drop(writer);
     settle("held", false, "the mark stays after the lease is back");
 }

@@ -175,7 +175,7 @@ impl Stats {
         let marks = IntGaugeVec::new(
             Opts::new(
                 "detector_fanotify_marks",
-                "fanotify marks on credential files and volumes, by scope (inode: credentials given an inode mark; with --open-sensor hybrid the lease sensor takes it off while it holds the file's lease).",
+                "fanotify marks on credential files and volumes, by scope (with --open-sensor hybrid a leased file has no inode mark).",
             ),
             &["scope"],
         )?;
@@ -319,6 +319,8 @@ pub struct FanotifySensor {
     /// Volume marks, by st_dev.
     fs_marks: StdHashMap<u64, FsMark>,
     hybrid: bool,
+    /// Logged once: `volume::writer_view` found no kubelet view.
+    warned_own_view: bool,
     /// Found credentials whose filesystem mark is gone: to drop from the
     /// pipeline's table at the next drain.
     forgotten: Vec<(u64, u64)>,
@@ -424,6 +426,7 @@ impl FanotifySensor {
             inode_marks: StdHashMap::new(),
             fs_marks: StdHashMap::new(),
             hybrid: cfg.hybrid,
+            warned_own_view: false,
             forgotten: Vec::new(),
             events: rx,
             dead_reported: false,
@@ -508,7 +511,14 @@ impl FanotifySensor {
         };
         self.add_volume_name(f);
         let (scope, marked) = if self.hybrid {
-            (sys::MarkScope::Mount, volume::writer_view(&dir))
+            let view = volume::writer_view(&dir).unwrap_or_else(|own| {
+                if !self.warned_own_view {
+                    self.warned_own_view = true;
+                    warn!(volume = %own.display(), "kubelet's view of its volumes is not reachable (no process named kubelet, /proc/1/root not readable): the mount mark goes on this daemon's own view. If that is a copy (a container without hostPID), kubelet creating a rotated token is not seen, and the new token is covered once it is leased (about 30 ms later)");
+                }
+                own
+            });
+            (sys::MarkScope::Mount, view)
         } else {
             (sys::MarkScope::Filesystem, dir)
         };
@@ -634,10 +644,19 @@ impl FanotifySensor {
         }
     }
 
-    fn set_mark_gauge(&self) {
+    /// `detector_fanotify_marks`: inode marks on now (hybrid: not on a
+    /// leased file), volume marks by scope. Also after leases change.
+    pub fn set_mark_gauge(&self) {
         let m = &self.shared.stats.marks;
+        let inode = {
+            let leased = read(&self.shared.leased);
+            self.inode_marks
+                .keys()
+                .filter(|k| !leased.contains(k))
+                .count()
+        };
         m.with_label_values(&[sys::MarkScope::Inode.name()])
-            .set(self.inode_marks.len() as i64);
+            .set(inode as i64);
         for scope in [sys::MarkScope::Filesystem, sys::MarkScope::Mount] {
             let n = self.fs_marks.values().filter(|m| m.scope == scope).count();
             m.with_label_values(&[scope.name()]).set(n as i64);

@@ -36,11 +36,12 @@ pub fn dedicated_tmpfs(f: &CredentialFile) -> Option<PathBuf> {
 /// in our mount namespace (a DaemonSet's `hostPath`): through the root of
 /// a process named `kubelet`, else of the host's init (pid 1; both visible
 /// with `hostPID`). `dir` itself when neither path is the same directory
-/// (no `hostPID`, no access, or a kubelet directory mounted elsewhere).
-pub fn writer_view(dir: &Path) -> PathBuf {
+/// (no `hostPID`, no access, or a kubelet directory mounted elsewhere):
+/// `Err` then, with that path.
+pub fn writer_view(dir: &Path) -> Result<PathBuf, PathBuf> {
     let rel = dir.strip_prefix("/").unwrap_or(dir);
     let Ok(want) = std::fs::metadata(dir) else {
-        return dir.to_path_buf();
+        return Err(dir.to_path_buf());
     };
     pids_named("kubelet")
         .into_iter()
@@ -49,7 +50,7 @@ pub fn writer_view(dir: &Path) -> PathBuf {
         .find(|p| {
             std::fs::metadata(p).is_ok_and(|m| (m.dev(), m.ino()) == (want.dev(), want.ino()))
         })
-        .unwrap_or_else(|| dir.to_path_buf())
+        .ok_or_else(|| dir.to_path_buf())
 }
 
 /// Processes whose `comm` is `name`.
