@@ -143,6 +143,24 @@ pub struct KernelOffsets {
     /// its open flags from the saved user registers (`struct pt_regs`),
     /// whose layout is that architecture's. 0 = the syscall is not named.
     pub regs_x86_64: u32,
+    /// `inode.i_readcount` and `inode.i_writecount` (atomic_t): an inode's
+    /// read-only and writing opens, for the hybrid sensor's check that
+    /// nobody had a new credential open before it was marked. 0 when BTF
+    /// lacks them (the check is then skipped).
+    pub inode_i_readcount: u32,
+    pub inode_i_writecount: u32,
+}
+
+/// `OPEN_COUNTS` value: an inode's open counts when a lease was last asked
+/// for on it (`filelock:generic_add_lease`, which fires before the kernel
+/// checks them for a conflict, so also when the lease is refused).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OpenCounts {
+    /// Read-only opens (`i_readcount`).
+    pub readers: i32,
+    /// Writing opens (`i_writecount`; negative: denied to writers).
+    pub writers: i32,
 }
 
 /// Runtime switches for the programs (a read-only global).
@@ -240,6 +258,7 @@ pub mod names {
     pub const LOST: &str = "LOST";
     pub const EMITTED: &str = "EMITTED";
     pub const CONNECT_SEEN: &str = "CONNECT_SEEN";
+    pub const OPEN_COUNTS: &str = "OPEN_COUNTS";
     pub const OFFSETS: &str = "OFFSETS";
     pub const CONFIG: &str = "CONFIG";
 }
@@ -270,4 +289,5 @@ mod pod {
     unsafe impl aya::Pod for CgroupBudget {}
     unsafe impl aya::Pod for CredSeenKey {}
     unsafe impl aya::Pod for CredSeen {}
+    unsafe impl aya::Pod for OpenCounts {}
 }

@@ -32,8 +32,8 @@ use detector_common::{
     decide, v4_mapped, AccessRoute, AllowKey4, AllowKey6, AllowPorts, CgroupBudget, CgroupEvent,
     CgroupPolicy, ConnectEvent, ConnectSeenKey, CredSeen, CredSeenKey, CredentialAccessEvent,
     CredentialInfo, CredentialKey, DecisionInput, DenyRule, EgressHook, EventHeader, EventKind,
-    ExecEvent, ExitEvent, ForkEvent, Holder, KernelOffsets, PolicyAction, ProgramConfig, Verdict,
-    AF_INET, AF_INET6, COMM_LEN, EVENT_KINDS, FILENAME_LEN, MAX_CPUS,
+    ExecEvent, ExitEvent, ForkEvent, Holder, KernelOffsets, OpenCounts, PolicyAction,
+    ProgramConfig, Verdict, AF_INET, AF_INET6, COMM_LEN, EVENT_KINDS, FILENAME_LEN, MAX_CPUS,
 };
 
 // ---- configuration written by userspace before load -------------------------
@@ -94,6 +94,10 @@ static CONNECT_SEEN: LruHashMap<ConnectSeenKey, u64> = LruHashMap::with_max_entr
 /// Per CPU, the last `CONNECT_SEEN` entry used here (see `connect_seen`).
 #[map]
 static CONNECT_LAST: PerCpuArray<ConnectLast> = PerCpuArray::with_max_entries(1, 0);
+/// Open counts of the inodes leases were last asked for on (see
+/// `generic_add_lease`).
+#[map]
+static OPEN_COUNTS: LruHashMap<CredentialKey, OpenCounts> = LruHashMap::with_max_entries(1024, 0);
 /// Events that could not be delivered (ring buffer full), per kind.
 #[map]
 static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(EVENT_KINDS, 0);
@@ -538,6 +542,37 @@ pub fn leases_conflict(ctx: BtfTracePointContext) -> i32 {
         let (route, mode) = syscall_open(&off).unwrap_or((AccessRoute::AnyOpen, FMODE_READ));
         let _ = credential_opened(&off, key, info, mode | FMODE_WRITE, || route, -1);
     }
+    0
+}
+
+/// generic_add_lease(inode, lease): a lease is asked for, before the kernel
+/// checks the inode's opens for a conflict. The hybrid sensor asks for one
+/// on a new credential inode at the moment it marks it, while the open
+/// that created it waits (nothing written yet): the counts then tell
+/// whether anybody else already had it open. Fires for lease requests
+/// only, which are rare.
+#[btf_tracepoint(function = "generic_add_lease")]
+pub fn generic_add_lease(ctx: BtfTracePointContext) -> i32 {
+    let cfg = config();
+    let off = offsets();
+    if cfg.enabled == 0 || off.inode_i_readcount == 0 || off.inode_i_writecount == 0 {
+        return 0;
+    }
+    let inode: *const u8 = ctx.arg(0);
+    let (key, counts) = unsafe {
+        let sb: *const u8 = load(inode, off.inode_i_sb);
+        (
+            CredentialKey {
+                dev: load::<u32>(sb, off.super_block_s_dev) as u64,
+                ino: load(inode, off.inode_i_ino),
+            },
+            OpenCounts {
+                readers: load(inode, off.inode_i_readcount),
+                writers: load(inode, off.inode_i_writecount),
+            },
+        )
+    };
+    let _ = OPEN_COUNTS.insert(&key, &counts, 0);
     0
 }
 

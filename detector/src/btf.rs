@@ -344,6 +344,8 @@ impl Btf {
             lease_type,
             lease_flags,
             regs_x86_64: cfg!(target_arch = "x86_64") as u32,
+            inode_i_readcount: self.field_offset("inode", "i_readcount", 4).unwrap_or(0),
+            inode_i_writecount: self.field_offset("inode", "i_writecount", 4).unwrap_or(0),
         })
     }
 }

@@ -909,10 +909,15 @@ fn start_open_sensor(
     let lost = metrics
         .events_lost
         .with_label_values(&[EventKind::CredentialAccess.name()]);
+    let counts_attached = sensors
+        .attached
+        .iter()
+        .any(|a| a == "tp_btf/generic_add_lease");
     let s = fanotify::FanotifySensor::start(
         group,
         &sensors.maps.holders,
         &sensors.maps.cred_seen,
+        counts_attached.then_some(&sensors.maps.open_counts),
         fanotify::Config {
             dedup: Duration::from_millis(credential_dedup_ms),
             hybrid: lease_sensor,

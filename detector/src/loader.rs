@@ -28,8 +28,8 @@ use aya::{
 };
 use detector_common::{
     names, AllowKey4, AllowKey6, AllowPorts, CgroupBudget, CgroupPolicy, CredSeen, CredSeenKey,
-    CredentialInfo, CredentialKey, DenyRule, EventKind, Holder, KernelOffsets, ProgramConfig,
-    MAX_CPUS,
+    CredentialInfo, CredentialKey, DenyRule, EventKind, Holder, KernelOffsets, OpenCounts,
+    ProgramConfig, MAX_CPUS,
 };
 use tracing::{info, warn};
 
@@ -93,6 +93,9 @@ const STATE_MAPS: &[&str] = &[
     names::BUDGET,
     names::LOST,
     names::EMITTED,
+    // Not state, but read by userspace: an adopted program must write the
+    // map the new daemon reads.
+    names::OPEN_COUNTS,
 ];
 
 /// Bump when a state map changes meaning (sizes are hashed in anyway): a
@@ -232,6 +235,9 @@ pub struct KernelMaps {
     pub emitted: PerCpuArray<MapData, u64>,
     /// Per-cgroup event budgets and drop counts (coverage).
     pub budget: PerCpuHashMap<MapData, u64, CgroupBudget>,
+    /// Open counts at lease requests (the hybrid sensor's check of a new
+    /// credential inode).
+    pub open_counts: HashMap<MapData, CredentialKey, OpenCounts>,
 }
 
 impl KernelMaps {
@@ -464,11 +470,20 @@ impl Sensors {
         }
 
         if cfg.lease_tracepoint {
-            // tp_btf: typed arguments, so the program reads kernel structs
-            // with plain loads (see the program).
-            let name = "leases_conflict";
-            attached.push(format!("tp_btf/{name}"));
-            if !pinned(name) {
+            // tp_btf: typed arguments, so the programs read kernel structs
+            // with plain loads (see the programs). generic_add_lease only
+            // where BTF names the inode's open counts.
+            let with_counts = offsets.inode_i_readcount != 0 && offsets.inode_i_writecount != 0;
+            let names = if with_counts {
+                &["leases_conflict", "generic_add_lease"][..]
+            } else {
+                &["leases_conflict"][..]
+            };
+            for &name in names {
+                attached.push(format!("tp_btf/{name}"));
+                if pinned(name) {
+                    continue;
+                }
                 let btf = aya::Btf::from_sys_fs().context("reading the kernel's BTF")?;
                 let prog: &mut BtfTracePoint = ebpf
                     .program_mut(name)
@@ -530,6 +545,7 @@ impl Sensors {
             lost: take(&mut ebpf, names::LOST)?,
             emitted: take(&mut ebpf, names::EMITTED)?,
             budget: take(&mut ebpf, names::BUDGET)?,
+            open_counts: take(&mut ebpf, names::OPEN_COUNTS)?,
         };
         Ok((
             Sensors {

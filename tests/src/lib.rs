@@ -200,6 +200,29 @@ impl Drop for TmpfsOn {
     }
 }
 
+/// A bind mount of `src` on the existing directory `dir`, as a runtime
+/// makes one of a volume for each container; unmounted (lazily) on drop.
+pub struct BindMount(pub PathBuf);
+
+impl BindMount {
+    pub fn new(src: &Path, dir: &Path) -> BindMount {
+        let st = Command::new("mount")
+            .arg("--bind")
+            .arg(src)
+            .arg(dir)
+            .status()
+            .expect("mount --bind");
+        assert!(st.success(), "bind {} on {}", src.display(), dir.display());
+        BindMount(dir.to_path_buf())
+    }
+}
+
+impl Drop for BindMount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
 /// A tmpfs mounted on a fresh directory, unmounted on drop.
 pub struct Tmpfs {
     pub dir: PathBuf,

@@ -258,6 +258,95 @@ fn hybrid_puts_no_fanotify_mark_in_the_way_of_a_leased_token() {
     settle("held", false, "the mark stays after the lease is back");
 }
 
+/// The hybrid sensor's race on a rotated token, closed: a process that got
+/// the new token's file open before the daemon marked it (here it is
+/// created through a pod's bind mount, which no mark covers, standing for
+/// the microseconds between kubelet's create and the mark) and waits for
+/// the content. kubelet's open through its own (marked) mount makes the
+/// daemon mark the inode; the inode's open counts then show one opener too
+/// many, and the daemon finds it in /proc and reports it as a holder before
+/// kubelet may write.
+#[test]
+fn hybrid_reports_a_process_that_opened_a_new_token_before_it_was_marked() {
+    use detector_tests::{kernel::holders_of, BindMount};
+    use std::io::BufRead;
+    require_root();
+    let kubelet = Tmpfs::new("invd-early");
+    let uid = new_pod_uid();
+    let vol = kubelet
+        .dir
+        .join("pods")
+        .join(&uid)
+        .join("volumes/kubernetes.io~projected/kube-api-access-e4rly");
+    std::fs::create_dir_all(&vol).unwrap();
+    let _vol_mount = TmpfsOn::mount(&vol);
+    kubelet_atomic_write(&vol, &[("token", "token-1")]);
+    let view = kubelet.dir.join("pod-view");
+    std::fs::create_dir_all(&view).unwrap();
+    let _view = BindMount::new(&vol, &view);
+    let kdir = kubelet.dir.display().to_string();
+    let d = Daemon::start(&["--open-sensor", "hybrid", "--kubelet-dir", &kdir]).expect("daemon");
+    wait_for(Duration::from_secs(10), || {
+        (d.leases("held") == Some(1)).then_some(())
+    })
+    .unwrap_or_else(|| panic!("no lease held\n{}", d.log()));
+
+    // The next rotation's token file, created and opened early.
+    let ts = "..2030_01_01_00_00_00.000000001";
+    std::fs::create_dir(vol.join(ts)).unwrap();
+    let early = view.join(ts).join("token");
+    drop(std::fs::File::create(&early).unwrap());
+    let mut reader = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("exec 3<{}; echo opened; read x", early.display()))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(reader.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "opened");
+    let rpid = reader.id() as u64;
+
+    // kubelet writes the token through its own mount.
+    std::fs::write(vol.join(ts).join("token"), "token-2").unwrap();
+    let ino = std::fs::metadata(&early).unwrap().ino();
+    let seen = wait_for(Duration::from_secs(5), || {
+        let v: Vec<Value> = d
+            .events()
+            .into_iter()
+            .filter(|e| e["event"] == "credential_access" && e["tgid"] == rpid)
+            .collect();
+        (!v.is_empty()).then_some(v)
+    })
+    .unwrap_or_else(|| panic!("the early opener is not reported\n{}", d.log()));
+    assert_eq!(
+        (
+            seen.len(),
+            &seen[0]["ino"],
+            &seen[0]["fd"],
+            &seen[0]["route"],
+            &seen[0]["readable"]
+        ),
+        (
+            1,
+            &Value::from(ino),
+            &Value::from(3),
+            &Value::from("open_before_mark"),
+            &Value::Bool(true)
+        ),
+        "{seen:?}"
+    );
+    assert!(
+        holders_of(d.child.id()).contains_key(&(rpid as u32)),
+        "the early opener is not a holder"
+    );
+    drop(reader.stdin.take());
+    let _ = reader.wait();
+}
+
 /// As a DaemonSet runs it: the daemon in a mount namespace of its own, which
 /// sees kubelet's volumes through copies of kubelet's mounts. Kubelet (here
 /// the test, next to a process named `kubelet` in the test's mount

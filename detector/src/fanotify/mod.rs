@@ -59,7 +59,10 @@
 //!   (kubelet's, in the host's mount namespace: `writer_view`), not on the
 //!   filesystem. Pods open through bind mounts of it, which that mark does
 //!   not cover; kubelet's open that creates a rotated token does, and the
-//!   new inode gets its inode mark before kubelet may write it.
+//!   new inode gets its inode mark before kubelet may write it;
+//! - whoever opened the new inode in between (before the mark, while it
+//!   was empty) is found through its open counts and reported
+//!   (`Responder::report_earlier_openers`).
 //!
 //! # What it covers
 //! Every way of opening the file: any path (symlink, hardlink, bind mount,
@@ -91,7 +94,7 @@ use std::{
 
 use aya::maps::{HashMap, IterableMap, Map, MapData};
 use detector_common::{
-    kernel_dev_from_user, CredSeen, CredSeenKey, CredentialInfo, CredentialKey, Holder,
+    kernel_dev_from_user, CredSeen, CredSeenKey, CredentialInfo, CredentialKey, Holder, OpenCounts,
 };
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntGaugeVec, Opts, Registry};
 use tracing::{debug, error, info, warn};
@@ -376,12 +379,17 @@ impl FanotifySensor {
         group: Group,
         holders: &HashMap<MapData, u32, Holder>,
         cred_seen: &HashMap<MapData, CredSeenKey, CredSeen>,
+        open_counts: Option<&HashMap<MapData, CredentialKey, OpenCounts>>,
         cfg: Config,
         registry: &Registry,
         lost: IntCounter,
     ) -> Result<FanotifySensor, Error> {
         let holders = clone_map(holders.map(), Map::LruHashMap)?;
         let cred_seen = clone_map(cred_seen.map(), Map::LruHashMap)?;
+        let open_counts = match open_counts.filter(|_| cfg.hybrid) {
+            Some(m) => Some(clone_map(m.map(), Map::LruHashMap)?),
+            None => None,
+        };
         let proc = opener::ProcReader::new(&cfg.cgroup_root).map_err(Error::Start)?;
         let wake = sys::eventfd().map_err(Error::Start)?;
         let stats = Stats::new(registry, lost).map_err(|e| Error::Start(io::Error::other(e)))?;
@@ -399,6 +407,7 @@ impl FanotifySensor {
             tx,
             own_tgid: std::process::id(),
             mark_discovered: cfg.hybrid,
+            open_counts,
         };
         let s = shared.clone();
         let responder = std::thread::Builder::new()
@@ -862,6 +871,9 @@ struct Responder {
     /// `Config::hybrid`: a credential found on a volume's mount mark gets
     /// an inode mark at once, so that pods' opens of it are seen too.
     mark_discovered: bool,
+    /// The kernel's OPEN_COUNTS (hybrid, where BTF names the counts): who
+    /// else had a new credential inode open before its mark.
+    open_counts: Option<HashMap<MapData, CredentialKey, OpenCounts>>,
 }
 
 impl Responder {
@@ -966,6 +978,7 @@ impl Responder {
             if let Err(e) = sys::mark_file(self.fan, true, ev.fd) {
                 error!(ino, error = %e, "cannot mark a new credential inode; pods' opens of it are not seen until it is leased");
             }
+            self.report_earlier_openers(ev.fd, &st, id);
         }
         let now = boottime_ns();
         let tid = ev.tid as u32;
@@ -1031,6 +1044,87 @@ impl Responder {
             Err(std::sync::mpsc::TrySendError::Disconnected(_)) => {}
         }
         pending.answer();
+    }
+
+    /// A new credential inode has just been marked while the open that
+    /// created it waits (so nothing is written to it yet). Whoever opened it
+    /// before the mark would read the token once written, unseen. A lease
+    /// request on the event's descriptor makes the kernel record the
+    /// inode's open counts (`generic_add_lease` fires before its conflict
+    /// check; the request is refused while the creator writes). Beyond our
+    /// descriptor and the waiting open, somebody has it open: they are
+    /// found in /proc and reported as holders before the creator goes on.
+    fn report_earlier_openers(&mut self, fd: RawFd, st: &libc::stat, id: u32) {
+        let Some(counts) = self.open_counts.as_mut() else {
+            return;
+        };
+        let key = CredentialKey {
+            dev: kernel_dev_from_user(st.st_dev),
+            ino: st.st_ino,
+        };
+        let _ = counts.remove(&key);
+        // SAFETY: fcntl on the event's descriptor, which we own; no pointers.
+        if unsafe { libc::fcntl(fd, libc::F_SETLEASE, libc::F_RDLCK) } == 0 {
+            // Granted (nobody writes it): give it back before the answer.
+            // SAFETY: as above.
+            unsafe { libc::fcntl(fd, libc::F_SETLEASE, libc::F_UNLCK) };
+        }
+        let Ok(c) = counts.get(&key, 0) else {
+            debug!(ino = st.st_ino, "no open counts for a new credential inode");
+            return;
+        };
+        // Ours (read-only) and the waiting open (either count).
+        if c.readers.max(0) + c.writers.max(0) <= 2 {
+            return;
+        }
+        let now = boottime_ns();
+        let found: Vec<(u32, u32)> = opener::fds_of(st.st_dev, st.st_ino)
+            .into_iter()
+            .filter(|(pid, _)| *pid != self.own_tgid)
+            .collect();
+        warn!(
+            ino = st.st_ino,
+            readers = c.readers,
+            writers = c.writers,
+            found = found.len(),
+            "a new credential inode was open before the daemon marked it: reporting who has it"
+        );
+        for (pid, fdn) in found {
+            let o = match self.proc.holder_of(pid, fdn) {
+                Ok(o) => o,
+                Err(e) => {
+                    debug!(pid, error = %e, "reading an earlier opener");
+                    continue;
+                }
+            };
+            if o.access.readable {
+                self.make_holders(&o, id, now);
+            }
+            self.shared.stats.credential_opens.inc();
+            let ev = CredentialAccess {
+                common: Common {
+                    time_ns: now,
+                    pid,
+                    tgid: o.status.tgid,
+                    cgroup_id: o.cgroup_id,
+                },
+                ppid: o.status.ppid,
+                uid: o.status.uid,
+                gid: o.status.gid,
+                comm: o.status.comm,
+                credential_id: id,
+                dev: key.dev,
+                ino: st.st_ino,
+                route: o.access.route,
+                fd: fdn as i32,
+                readable: o.access.readable,
+                writable: o.access.writable,
+                repeats: 0,
+            };
+            if let Err(std::sync::mpsc::TrySendError::Full(_)) = self.tx.try_send(ev) {
+                self.shared.stats.lost.inc();
+            }
+        }
     }
 
     /// `CRED_SEEN` as the kernel's `on_fd_returned` keeps it: `None` when

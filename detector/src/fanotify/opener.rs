@@ -166,6 +166,39 @@ pub fn classify(
     }
 }
 
+/// The route of a descriptor found open on a new credential inode that
+/// nobody was seen opening (see `fds_of`).
+pub const OPENED_BEFORE_MARK: &str = "open_before_mark";
+
+/// Every `(pid, fd)` whose descriptor is the file `(st_dev, st_ino)`: a
+/// walk of /proc/*/fd, for the rare case that needs it (it costs about a
+/// microsecond per descriptor on the node).
+pub fn fds_of(dev: u64, ino: u64) -> Vec<(u32, u32)> {
+    use std::os::unix::fs::MetadataExt;
+    let mut out = Vec::new();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for p in procs.flatten() {
+        let Some(pid) = p.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(fds) = std::fs::read_dir(p.path().join("fd")) else {
+            continue;
+        };
+        for f in fds.flatten() {
+            let Some(fd) = f.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+                continue;
+            };
+            // stat follows the magic link to the open file itself.
+            if std::fs::metadata(f.path()).is_ok_and(|m| (m.dev(), m.ino()) == (dev, ino)) {
+                out.push((pid, fd));
+            }
+        }
+    }
+    out
+}
+
 /// Everything the event needs about the opener.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Opener {
@@ -306,6 +339,36 @@ impl ProcReader {
             }
         }
         None
+    }
+
+    /// Everything about process `pid`, which has the file open on `fd`
+    /// already (found by `fds_of`, not waiting in an open): the access
+    /// mode is the descriptor's (`/proc/<pid>/fdinfo/<fd>`).
+    pub fn holder_of(&mut self, pid: u32, fd: u32) -> io::Result<Opener> {
+        let status = parse_status(&self.read(pid, "status")?)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "malformed status"))?;
+        let (cgroup_path, cgroup_id) = match self
+            .cgroup_path(pid)
+            .and_then(|p| Ok((self.cgroup_id(&p)?, p)))
+        {
+            Ok((id, p)) => (p, id),
+            Err(_) => (String::new(), 0),
+        };
+        let info = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}"))?;
+        let access = info
+            .lines()
+            .find_map(|l| l.strip_prefix("flags:"))
+            .and_then(|v| u64::from_str_radix(v.trim(), 8).ok())
+            .map_or(Access::unknown(OPENED_BEFORE_MARK), |f| {
+                Access::from_flags(OPENED_BEFORE_MARK, f)
+            });
+        Ok(Opener {
+            tid: pid,
+            status,
+            cgroup_path,
+            cgroup_id,
+            access,
+        })
     }
 
     /// Everything about the thread `tid` that is blocked opening a file.
