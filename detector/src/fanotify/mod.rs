@@ -715,6 +715,37 @@ fn key_of(path: &Path) -> Option<(u64, u64)> {
     std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
 }
 
+/// The event of `o`'s access to credential `id` (`key`) through `fd`.
+fn access_event(
+    o: opener::Opener,
+    now: u64,
+    id: u32,
+    key: CredentialKey,
+    fd: i32,
+    repeats: u32,
+) -> CredentialAccess {
+    CredentialAccess {
+        common: Common {
+            time_ns: now,
+            pid: o.tid,
+            tgid: o.status.tgid,
+            cgroup_id: o.cgroup_id,
+        },
+        ppid: o.status.ppid,
+        uid: o.status.uid,
+        gid: o.status.gid,
+        comm: o.status.comm,
+        credential_id: id,
+        dev: key.dev,
+        ino: key.ino,
+        route: o.access.route,
+        fd,
+        readable: o.access.readable,
+        writable: o.access.writable,
+        repeats,
+    }
+}
+
 /// A handle of our own on a kernel map (a duplicated fd), for the
 /// responder thread.
 fn clone_map<K: aya::Pod, V: aya::Pod>(
@@ -1014,27 +1045,12 @@ impl Responder {
         } else {
             0
         };
-        let ev = CredentialAccess {
-            common: Common {
-                time_ns: now,
-                pid: tid,
-                tgid: o.status.tgid,
-                cgroup_id: o.cgroup_id,
-            },
-            ppid: o.status.ppid,
-            uid: o.status.uid,
-            gid: o.status.gid,
-            comm: o.status.comm,
-            credential_id: id,
+        // fd: not installed yet while the opener waits for us.
+        let key = CredentialKey {
             dev: kernel_dev_from_user(dev),
             ino,
-            route: o.access.route,
-            // Not installed yet while the opener waits for us.
-            fd: -1,
-            readable: o.access.readable,
-            writable: o.access.writable,
-            repeats,
         };
+        let ev = access_event(o, now, id, key, -1, repeats);
         // Queued before the answer: whatever the opener does next (exec,
         // connect) reaches the kernel's rings after this open is in the
         // queue, so the daemon puts both in order (daemon::drain).
@@ -1101,26 +1117,7 @@ impl Responder {
                 self.make_holders(&o, id, now);
             }
             self.shared.stats.credential_opens.inc();
-            let ev = CredentialAccess {
-                common: Common {
-                    time_ns: now,
-                    pid,
-                    tgid: o.status.tgid,
-                    cgroup_id: o.cgroup_id,
-                },
-                ppid: o.status.ppid,
-                uid: o.status.uid,
-                gid: o.status.gid,
-                comm: o.status.comm,
-                credential_id: id,
-                dev: key.dev,
-                ino: st.st_ino,
-                route: o.access.route,
-                fd: fdn as i32,
-                readable: o.access.readable,
-                writable: o.access.writable,
-                repeats: 0,
-            };
+            let ev = access_event(o, now, id, key, fdn as i32, 0);
             if let Err(std::sync::mpsc::TrySendError::Full(_)) = self.tx.try_send(ev) {
                 self.shared.stats.lost.inc();
             }

@@ -341,19 +341,27 @@ impl ProcReader {
         None
     }
 
-    /// Everything about process `pid`, which has the file open on `fd`
-    /// already (found by `fds_of`, not waiting in an open): the access
-    /// mode is the descriptor's (`/proc/<pid>/fdinfo/<fd>`).
-    pub fn holder_of(&mut self, pid: u32, fd: u32) -> io::Result<Opener> {
-        let status = parse_status(&self.read(pid, "status")?)
+    /// Status, cgroup-v2 path and cgroup id of `tid`. A cgroup we cannot
+    /// name is reported as 0 (unattributed), not an error: the holder
+    /// bookkeeping needs only the tgid.
+    fn identity(&mut self, tid: u32) -> io::Result<(Status, String, u64)> {
+        let status = parse_status(&self.read(tid, "status")?)
             .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "malformed status"))?;
         let (cgroup_path, cgroup_id) = match self
-            .cgroup_path(pid)
+            .cgroup_path(tid)
             .and_then(|p| Ok((self.cgroup_id(&p)?, p)))
         {
             Ok((id, p)) => (p, id),
             Err(_) => (String::new(), 0),
         };
+        Ok((status, cgroup_path, cgroup_id))
+    }
+
+    /// Everything about process `pid`, which has the file open on `fd`
+    /// already (found by `fds_of`, not waiting in an open): the access
+    /// mode is the descriptor's (`/proc/<pid>/fdinfo/<fd>`).
+    pub fn holder_of(&mut self, pid: u32, fd: u32) -> io::Result<Opener> {
+        let (status, cgroup_path, cgroup_id) = self.identity(pid)?;
         let info = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}"))?;
         let access = info
             .lines()
@@ -373,17 +381,7 @@ impl ProcReader {
 
     /// Everything about the thread `tid` that is blocked opening a file.
     pub fn opener(&mut self, tid: u32) -> io::Result<Opener> {
-        let status = parse_status(&self.read(tid, "status")?)
-            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "malformed status"))?;
-        // A cgroup we cannot name is reported as 0 (unattributed), not an
-        // error: the holder bookkeeping needs only the tgid.
-        let (cgroup_path, cgroup_id) = match self
-            .cgroup_path(tid)
-            .and_then(|p| Ok((self.cgroup_id(&p)?, p)))
-        {
-            Ok((id, p)) => (p, id),
-            Err(_) => (String::new(), 0),
-        };
+        let (status, cgroup_path, cgroup_id) = self.identity(tid)?;
         let sc = self.blocked_syscall(tid);
         let access = classify(sc, &status.comm, |addr| self.read_u64(tid, addr));
         Ok(Opener {
