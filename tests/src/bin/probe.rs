@@ -5,7 +5,7 @@
 //! probe open-abs PATH | open-rel PATH | open-syscall PATH | creat PATH |
 //!       openat2 PATH | by-handle PATH | pidfd-getfd PATH | read PATH |
 //!       connect IP PORT | udp IP PORT | hold-fork PATH | sleep-then-connect MS IP PORT |
-//!       open-loop PATH N | connect-flood PATH|- N | read-connect PATH IP PORT |
+//!       open-loop PATH N | connect-flood PATH|- MIN | read-connect PATH IP PORT |
 //!       uring-open PATH [async] | open-connect PATH IP PORT
 //! Exit status 0 on success; on a failed syscall it prints `errno=N` and exits 3.
 
@@ -247,24 +247,38 @@ fn main() {
             println!("opened={n}");
         }
         "connect-flood" => {
-            // Optionally become a holder, then N connects, each to a distinct
+            // Optionally become a holder, then connects, each to a distinct
             // loopback address with no listener (refused at once), so no
-            // de-duplication applies. Bounded by N.
+            // de-duplication applies: at least MIN, then on until stdin
+            // closes (the test's "stop", so the flood surely overlaps what
+            // the test does meanwhile, however fast the machine), never more
+            // than 100 x MIN. Prints how many it made.
             if a(1) != "-" {
                 hold(check(
                     unsafe { libc::open(c(&a(1)).as_ptr(), libc::O_RDONLY) } as i64,
                 ));
             }
-            let n: u32 = a(2).parse().unwrap();
+            let min: u32 = a(2).parse().unwrap();
+            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let stop_w = stop.clone();
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
+                stop_w.store(true, std::sync::atomic::Ordering::Relaxed);
+            });
             println!("started");
             std::io::stdout().flush().unwrap();
-            for i in 0..n {
-                let ip = std::net::Ipv4Addr::new(127, 77, (i >> 8) as u8, i as u8);
-                let port = 20000 + (i % 1000) as u16;
+            let cap = min.saturating_mul(100);
+            let mut n = 0u32;
+            while n < cap && (n < min || !stop.load(std::sync::atomic::Ordering::Relaxed)) {
+                // 127.77.0.0 up: distinct for up to 2^24 connects.
+                let ip =
+                    std::net::Ipv4Addr::new(127, 77 + (n >> 16) as u8, (n >> 8) as u8, n as u8);
+                let port = 20000 + (n % 1000) as u16;
                 let _ = TcpStream::connect_timeout(
                     &SocketAddr::new(IpAddr::V4(ip), port),
                     Duration::from_millis(100),
                 );
+                n += 1;
             }
             println!("done={n}");
         }
