@@ -612,6 +612,17 @@ fn connects_are_reported_with_destination_and_cgroup() {
         (e["protocol"].as_str(), e["hook"].as_str(), u(e, "port")),
         (Some("udp"), Some("sendmsg4"), 9)
     );
+
+    // A native IPv6 destination keeps its 16 bytes, in order (loopback).
+    let (pidv6, out) = probe(&cg, &["udp", "::1", "9"]);
+    ok(&out);
+    let e = &d.wait_events(WAIT, |e| {
+        e["event"] == "connect" && u(e, "tgid") == pidv6 as u64
+    })[0];
+    assert_eq!(
+        (e["addr"].as_str(), e["hook"].as_str(), u(e, "port")),
+        (Some("::1"), Some("sendmsg6"), 9)
+    );
     assert_eq!(l.accepted(), 2);
 }
 
