@@ -22,18 +22,23 @@ use std::{
     collections::BTreeSet,
     fmt::Write as _,
     fs::File,
-    io::{Read, Write},
-    net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream},
-    os::unix::{io::AsRawFd, process::CommandExt},
+    net::{Ipv4Addr, SocketAddrV4, TcpListener},
+    os::unix::io::AsRawFd,
     path::{Path, PathBuf},
-    process::{Child, Command, ExitCode, Stdio},
+    process::{Command, ExitCode, Stdio},
     thread::sleep,
     time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context, Result};
 
-use crate::{detector_bin, is_root, repo_root, worker::Workload};
+use crate::{
+    daemon::{http_get, start_daemon, tail, Daemon},
+    detector_bin,
+    guards::{Cgroup, Proc, TempDir},
+    is_root, repo_root,
+    worker::Workload,
+};
 
 const TOKEN_PATH: &str = "/var/run/secrets/kubernetes.io/serviceaccount/token";
 
@@ -197,81 +202,6 @@ const CASES: &[Case] = &[
     },
 ];
 
-/// Kills (SIGKILL) and reaps a child on drop unless it was stopped.
-struct Guard {
-    child: Option<Child>,
-    name: &'static str,
-}
-
-impl Guard {
-    fn spawn(mut cmd: Command, name: &'static str) -> Result<Guard> {
-        // If the bench dies, its children (which may hold kernel probes)
-        // get SIGTERM from the kernel.
-        // SAFETY: prctl is async-signal-safe.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
-                Ok(())
-            });
-        }
-        let child = cmd.spawn().with_context(|| format!("starting {name}"))?;
-        Ok(Guard {
-            child: Some(child),
-            name,
-        })
-    }
-    fn pid(&self) -> u32 {
-        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
-    }
-    fn exited(&mut self) -> Option<std::process::ExitStatus> {
-        self.child
-            .as_mut()
-            .and_then(|c| c.try_wait().ok().flatten())
-    }
-    /// Sends `sig`, waits up to `timeout`, then SIGKILL. Returns how it ended.
-    fn stop(&mut self, sig: i32, timeout: Duration) -> String {
-        let Some(mut child) = self.child.take() else {
-            return "not running".into();
-        };
-        if let Ok(Some(st)) = child.try_wait() {
-            return format!("had already exited ({st})");
-        }
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(child.id() as i32, sig) };
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if let Ok(Some(st)) = child.try_wait() {
-                return format!("{st}");
-            }
-            sleep(Duration::from_millis(50));
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-        format!(
-            "did not exit within {}s of signal {sig}; killed",
-            timeout.as_secs()
-        )
-    }
-}
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            eprintln!("bench: killing {} (pid {})", self.name, c.id());
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-/// A temporary directory, removed on drop.
-struct TempDir(PathBuf);
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// A service-account token laid out as on a node: kubelet's projected
 /// volume, a tmpfs of its own under `<kubelet>/pods/<uid>/volumes/…`, with
 /// kubelet's `..<timestamp>/token` + `..data` layout, and the pod's view of
@@ -367,7 +297,7 @@ struct Env {
     /// The cgroup every worker moves into first (`--cgroup`): apart from
     /// this process's, so that no worker's credential read makes the bench
     /// a holder whose later workers inherit it.
-    workers: crate::bench_correlate::Cgroup,
+    workers: Cgroup,
 }
 
 impl Env {
@@ -385,12 +315,12 @@ impl Env {
     }
 }
 
-/// Loopback listener in this process: accepts and drops connections.
-/// A loopback TCP listener that accepts and closes. With `workload_cpu`,
+/// A loopback TCP listener in this process that accepts and closes (its
+/// thread lives until the process exits). With `workload_cpu`,
 /// its thread stays off that CPU: woken by every connect, it would preempt
 /// the workload at random points (inside the connect hook too, which then
 /// counts the listener's time as the program's).
-fn start_listener(workload_cpu: Option<usize>) -> Result<SocketAddrV4> {
+pub(crate) fn start_listener(workload_cpu: Option<usize>) -> Result<SocketAddrV4> {
     let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("binding 127.0.0.1:0")?;
     // A deep accept queue, so a burst never drops a SYN (a 1 s retransmit
     // would dwarf what we measure). Re-calling listen() updates the backlog.
@@ -461,52 +391,15 @@ fn range(v: &[f64]) -> (f64, f64) {
         })
 }
 
-fn http_get(port: u16, path: &str) -> Result<(u16, String)> {
-    let mut s =
-        TcpStream::connect_timeout(&(Ipv4Addr::LOCALHOST, port).into(), Duration::from_secs(2))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(
-        s,
-        "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut buf = String::new();
-    s.read_to_string(&mut buf)?;
-    let code = buf
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .context("malformed HTTP response")?;
-    let body = buf
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    Ok((code, body))
-}
-
-fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?
-        .local_addr()?
-        .port())
-}
-
-fn tail(path: &Path, lines: usize) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let v: Vec<&str> = text.lines().collect();
-    v[v.len().saturating_sub(lines)..].join("\n")
-}
-
 /// A running configuration, stopped by `finish`.
 enum Session {
     None,
     Detector {
-        guard: Guard,
-        port: u16,
-        log: PathBuf,
-        ready_after: Duration,
+        daemon: Daemon,
         cpu_at_ready: Option<f64>,
     },
     Bpftrace {
-        guard: Guard,
+        guard: Proc,
         out: PathBuf,
         sentinel: String,
     },
@@ -529,48 +422,23 @@ fn start(cfg: Config, env: &Env, round: usize, ready_timeout: Duration) -> Resul
         | Config::DetectorFanotify
         | Config::DetectorLease
         | Config::DetectorHybrid => {
-            let port = free_port()?;
             let log = env.dir.join(format!("{}-{round}.log", cfg.name()));
-            let logf = File::create(&log)?;
-            let mut cmd = Command::new(&env.detector);
-            cmd.arg("run")
-                .args(["--open-sensor", cfg.open_sensor().unwrap_or("auto")])
-                .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
-                .arg("--kubelet-dir")
-                .arg(&env.kubelet)
-                .args(["--alerts", "/dev/null"])
-                .stdin(Stdio::null())
-                .stdout(logf.try_clone()?)
-                .stderr(logf);
-            let t0 = Instant::now();
-            let mut guard = Guard::spawn(cmd, "detector")?;
-            loop {
-                if let Some(st) = guard.exited() {
-                    bail!(
-                        "detector exited before /readyz ({st}); log tail:\n{}",
-                        tail(&log, 30)
-                    );
-                }
-                if let Ok((200, _)) = http_get(port, "/readyz") {
-                    break;
-                }
-                if t0.elapsed() > ready_timeout {
-                    guard.stop(libc::SIGTERM, Duration::from_secs(10));
-                    bail!(
-                        "detector not ready after {}s; log tail:\n{}",
-                        ready_timeout.as_secs(),
-                        tail(&log, 30)
-                    );
-                }
-                sleep(Duration::from_millis(100));
-            }
-            let cpu_at_ready = cpu_seconds(guard.pid());
+            let args: Vec<String> = [
+                "--open-sensor",
+                cfg.open_sensor().unwrap_or("auto"),
+                "--kubelet-dir",
+                &env.kubelet.to_string_lossy(),
+                "--alerts",
+                "/dev/null",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+            let daemon = start_daemon(&env.detector, &args, &log, ready_timeout)?;
+            let cpu_at_ready = cpu_seconds(daemon.proc.pid());
             Ok(Session::Detector {
+                daemon,
                 cpu_at_ready,
-                guard,
-                port,
-                log,
-                ready_after: t0.elapsed(),
             })
         }
         Config::Bpftrace => {
@@ -582,7 +450,7 @@ fn start(cfg: Config, env: &Env, round: usize, ready_timeout: Duration) -> Resul
                 .stdout(f.try_clone()?)
                 .stderr(f);
             let t0 = Instant::now();
-            let mut guard = Guard::spawn(cmd, "bpftrace")?;
+            let mut guard = Proc::spawn(cmd, "bpftrace")?;
             loop {
                 if let Some(st) = guard.exited() {
                     bail!("bpftrace exited ({st}):\n{}", tail(&out, 30));
@@ -745,10 +613,10 @@ fn connect_pair_pass(
     let mut got: Vec<Vec<(f64, f64, f64)>> = vec![Vec::new(); ROWS.len()];
     for round in 0..rounds {
         let session = start(Config::DetectorFanotify, env, 3000 + round, ready_timeout)?;
-        let Session::Detector { guard, .. } = &session else {
+        let Session::Detector { daemon, .. } = &session else {
             unreachable!("a detector configuration")
         };
-        let pid = guard.pid();
+        let pid = daemon.proc.pid();
         let mut order: Vec<usize> = (0..ROWS.len()).collect();
         order.rotate_left(round % ROWS.len());
         for i in order {
@@ -824,10 +692,10 @@ fn bpf_stats_pass(env: &Env, scale: f64, ready_timeout: Duration) -> Result<Stri
     );
     for cfg in Config::DETECTORS {
         let session = start(cfg, env, 1000 + cfg as usize, ready_timeout)?;
-        let Session::Detector { guard, .. } = &session else {
+        let Session::Detector { daemon, .. } = &session else {
             unreachable!("a detector configuration")
         };
-        let pid = guard.pid();
+        let pid = daemon.proc.pid();
         let on = bpf_stats::enable().context("BPF_ENABLE_STATS")?;
         for case in CASES {
             let iters = ((case.iters as f64 * scale).round() as u64).max(1) as f64;
@@ -884,13 +752,10 @@ fn finish(session: Session) -> SessionResult {
             verified: true,
         },
         Session::Detector {
-            mut guard,
-            port,
-            log,
-            ready_after,
+            daemon,
             cpu_at_ready,
         } => {
-            let metrics = match http_get(port, "/metrics") {
+            let metrics = match http_get(daemon.port, "/metrics") {
                 Ok((200, body)) => body
                     .lines()
                     .filter(|l| {
@@ -912,18 +777,17 @@ fn finish(session: Session) -> SessionResult {
                 Ok((code, _)) => vec![format!("/metrics answered {code}")],
                 Err(e) => vec![format!("/metrics failed: {e:#}")],
             };
-            let pid = guard.pid();
+            let pid = daemon.proc.pid();
+            let ready_after = daemon.ready_after;
             let cpu_s = cpu_seconds(pid).zip(cpu_at_ready).map(|(b, a)| b - a);
-            let how = guard.stop(libc::SIGTERM, Duration::from_secs(30));
+            // Logs its tail itself unless it exits cleanly.
+            let how = daemon.stop();
             let note =
                 format!(
                 "detector pid {pid}: ready after {:.1}s; CPU while measured {}; SIGTERM -> {how}",
                 ready_after.as_secs_f64(),
                 cpu_s.map(|c| format!("{c:.2}s")).unwrap_or_else(|| "?".into())
             );
-            if !how.contains("exit status: 0") {
-                eprintln!("bench: {note}; log tail:\n{}", tail(&log, 20));
-            }
             SessionResult {
                 note,
                 cpu_s,
@@ -1095,7 +959,7 @@ pub fn bench(args: BenchArgs) -> Result<ExitCode> {
         listen: start_listener(workload_cpu)?,
         worker: std::env::current_exe().context("current_exe")?,
         cpu: workload_cpu,
-        workers: crate::bench_correlate::Cgroup::new("detector-bench-workers")?,
+        workers: Cgroup::new("detector-bench-workers")?,
         // A private copy: others may rebuild target/release/detector while
         // the bench runs; every round must start the same binary.
         detector: {
@@ -1127,9 +991,8 @@ pub fn bench(args: BenchArgs) -> Result<ExitCode> {
         for cfg in order {
             let session = start(cfg, &env, round, ready_timeout)?;
             let ours: Vec<u32> = match &session {
-                Session::Detector { guard, .. } | Session::Bpftrace { guard, .. } => {
-                    vec![guard.pid()]
-                }
+                Session::Detector { daemon, .. } => vec![daemon.proc.pid()],
+                Session::Bpftrace { guard, .. } => vec![guard.pid()],
                 Session::None => vec![],
             };
             let seen = other_tracers(&ours);

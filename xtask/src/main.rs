@@ -18,7 +18,9 @@ mod bench_correlate;
 mod bench_fanotify;
 mod bpf_stats;
 mod connect_ab;
+mod daemon;
 mod demo;
+mod guards;
 mod setup;
 mod worker;
 

@@ -132,58 +132,69 @@ fn open_close(path: &CString) -> Result<()> {
     Ok(())
 }
 
-fn udp_connect_close(addr: &libc::sockaddr_in) -> Result<()> {
+/// `socket` + `connect` + `close` of one socket of type `ty` to `addr`: the
+/// connect's outcome, and how long the `connect` call took when `timed`
+/// (else 0: the overhead workloads time whole loops). A TCP socket closes
+/// with RST (`SO_LINGER` 0): no TIME_WAIT, so bounded loops never exhaust
+/// ports. Err only when no socket could be made.
+pub fn connect_once(
+    addr: &libc::sockaddr_in,
+    ty: libc::c_int,
+    timed: bool,
+) -> Result<(std::io::Result<()>, u64)> {
     // SAFETY: plain socket calls on an fd we own; addr is a valid sockaddr_in.
     unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        let fd = libc::socket(libc::AF_INET, ty | libc::SOCK_CLOEXEC, 0);
         if fd < 0 {
             bail!("socket: {}", std::io::Error::last_os_error());
         }
+        if ty == libc::SOCK_STREAM {
+            let linger = libc::linger {
+                l_onoff: 1,
+                l_linger: 0,
+            };
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                &linger as *const _ as *const libc::c_void,
+                std::mem::size_of::<libc::linger>() as libc::socklen_t,
+            );
+        }
+        let t0 = if timed { mono_ns() } else { 0 };
         let r = libc::connect(
             fd,
             addr as *const _ as *const libc::sockaddr,
             std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
         );
+        let took = if timed { mono_ns() - t0 } else { 0 };
         let err = std::io::Error::last_os_error();
         libc::close(fd);
-        if r != 0 {
-            bail!("connect (udp): {err}");
-        }
+        Ok((if r == 0 { Ok(()) } else { Err(err) }, took))
     }
-    Ok(())
+}
+
+/// CLOCK_MONOTONIC in nanoseconds.
+pub fn mono_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid out pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+fn udp_connect_close(addr: &libc::sockaddr_in) -> Result<()> {
+    connect_once(addr, libc::SOCK_DGRAM, false)?
+        .0
+        .context("connect (udp)")
 }
 
 fn connect_close(addr: &libc::sockaddr_in) -> Result<()> {
-    // SAFETY: plain socket calls on an fd we own; addr is a valid sockaddr_in.
-    unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
-        if fd < 0 {
-            bail!("socket: {}", std::io::Error::last_os_error());
-        }
-        // Close with RST: no TIME_WAIT, so bounded loops never exhaust ports.
-        let linger = libc::linger {
-            l_onoff: 1,
-            l_linger: 0,
-        };
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            &linger as *const _ as *const libc::c_void,
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
-        );
-        let r = libc::connect(
-            fd,
-            addr as *const _ as *const libc::sockaddr,
-            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
-        );
-        let err = std::io::Error::last_os_error();
-        libc::close(fd);
-        if r != 0 {
-            bail!("connect: {err}");
-        }
-    }
-    Ok(())
+    connect_once(addr, libc::SOCK_STREAM, false)?
+        .0
+        .context("connect")
 }
 
 struct ExecArgs {
@@ -296,15 +307,18 @@ pub fn worker(args: WorkerArgs) -> Result<ExitCode> {
 }
 
 fn sockaddr(args: &WorkerArgs) -> Result<libc::sockaddr_in> {
-    let a = args.addr.context("--addr is required")?;
-    Ok(libc::sockaddr_in {
+    Ok(sockaddr_in(args.addr.context("--addr is required")?))
+}
+
+pub fn sockaddr_in(a: SocketAddrV4) -> libc::sockaddr_in {
+    libc::sockaddr_in {
         sin_family: libc::AF_INET as libc::sa_family_t,
         sin_port: a.port().to_be(),
         sin_addr: libc::in_addr {
             s_addr: u32::from(*a.ip()).to_be(),
         },
         sin_zero: [0; 8],
-    })
+    }
 }
 
 fn print_pairs(control_ns: f64, ratio: f64) {
