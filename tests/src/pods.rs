@@ -37,7 +37,10 @@ use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
 use crate::{
-    runc::{cgroup_mounts, cgroup_path, new_container_id, new_pod_uid, Layout, TOKEN_PATH},
+    runc::{
+        cgroup_mounts, cgroup_path, kill_and_delete, new_container_id, new_pod_uid,
+        remove_cgroup_dirs, runc, Layout, TOKEN_PATH,
+    },
     unique, Tmpfs,
 };
 
@@ -220,12 +223,6 @@ fn short_random() -> String {
         .iter()
         .map(|b| ALPHA[*b as usize % ALPHA.len()] as char)
         .collect()
-}
-
-fn runc(state_root: &Path) -> Command {
-    let mut c = Command::new("runc");
-    c.arg("--root").arg(state_root);
-    c
 }
 
 fn sh(cmd: &str) -> Result<()> {
@@ -572,40 +569,15 @@ impl Pod {
 impl Drop for Pod {
     fn drop(&mut self) {
         if self.started {
-            let name = self.runc_name();
-            let _ = runc(&self.state_root)
-                .args(["kill", &name, "KILL"])
-                .stderr(Stdio::null())
-                .status();
-            let deadline = Instant::now() + Duration::from_secs(5);
-            loop {
-                let st = runc(&self.state_root)
-                    .args(["delete", "-f", &name])
-                    .stderr(Stdio::null())
-                    .status();
-                let gone = !self.state_root.join(&name).exists();
-                if st.map(|s| s.success()).unwrap_or(false) || gone || Instant::now() > deadline {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
+            kill_and_delete(&self.state_root, &self.runc_name());
         }
         // Processes a test exec'd detached may still be in the cgroup.
         let kill = self.cgroup2_dir().join("cgroup.kill");
         if kill.exists() {
             let _ = std::fs::write(&kill, b"1");
         }
-        for d in &self.created_dirs {
-            // Deepest first; another pod keeps shared parents busy.
-            for _ in 0..40 {
-                match std::fs::remove_dir(d) {
-                    Ok(()) => break,
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
-                    Err(e) if e.raw_os_error() == Some(libc::ENOTEMPTY) => break,
-                    Err(_) => std::thread::sleep(Duration::from_millis(25)),
-                }
-            }
-        }
+        // Another pod keeps shared parents busy.
+        remove_cgroup_dirs(&self.created_dirs);
         if !self.veth.is_empty() {
             // Usually gone with the netns already.
             let _ = Command::new("ip")

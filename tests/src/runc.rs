@@ -149,7 +149,7 @@ pub struct Container {
     created_dirs: Vec<PathBuf>,
 }
 
-fn runc(state_root: &Path) -> Command {
+pub(crate) fn runc(state_root: &Path) -> Command {
     let mut c = Command::new("runc");
     c.arg("--root").arg(state_root);
     c
@@ -301,13 +301,14 @@ impl Container {
 /// are removed when the last container goes.
 static CREATED: std::sync::Mutex<(usize, Vec<PathBuf>)> = std::sync::Mutex::new((0, Vec::new()));
 
-fn remove_cgroup_dirs(dirs: &[PathBuf]) {
+/// Removes the cgroup directories, deepest first; one another container
+/// still uses (ENOTEMPTY) is left to it.
+pub(crate) fn remove_cgroup_dirs(dirs: &[PathBuf]) {
     let mut dirs = dirs.to_vec();
-    // Deepest first.
     dirs.sort_by_key(|d| std::cmp::Reverse(d.components().count()));
     dirs.dedup();
     for d in &dirs {
-        for _ in 0..20 {
+        for _ in 0..40 {
             match std::fs::remove_dir(d) {
                 Ok(()) => break,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
@@ -318,25 +319,30 @@ fn remove_cgroup_dirs(dirs: &[PathBuf]) {
     }
 }
 
-impl Drop for Container {
-    fn drop(&mut self) {
-        let name = self.name();
-        let _ = runc(&self.state_root)
-            .args(["kill", &name, "KILL"])
+/// SIGKILLs container `name` and deletes it (retried for up to 5 s while
+/// runc still sees it running).
+pub(crate) fn kill_and_delete(state_root: &Path, name: &str) {
+    let _ = runc(state_root)
+        .args(["kill", name, "KILL"])
+        .stderr(Stdio::null())
+        .status();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let st = runc(state_root)
+            .args(["delete", "-f", name])
             .stderr(Stdio::null())
             .status();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            let st = runc(&self.state_root)
-                .args(["delete", "-f", &name])
-                .stderr(Stdio::null())
-                .status();
-            let gone = !self.state_root.join(&name).exists();
-            if st.map(|s| s.success()).unwrap_or(false) || gone || Instant::now() > deadline {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(50));
+        let gone = !state_root.join(name).exists();
+        if st.map(|s| s.success()).unwrap_or(false) || gone || Instant::now() > deadline {
+            break;
         }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+impl Drop for Container {
+    fn drop(&mut self) {
+        kill_and_delete(&self.state_root, &self.name());
         remove_cgroup_dirs(&self.created_dirs);
         let last = {
             let mut g = CREATED.lock().unwrap_or_else(|e| e.into_inner());
