@@ -43,15 +43,27 @@ static OFFSETS: KernelOffsets = unsafe { core::mem::zeroed() };
 #[no_mangle]
 static CONFIG: ProgramConfig = unsafe { core::mem::zeroed() };
 
+/// `v`, through a pointer the compiler cannot see into: the statics are
+/// patched into .rodata at load time, so their compile-time zeros must not
+/// be folded. Laundering the pointer (not copying the value out with a
+/// volatile read) leaves each field a plain load where it is used, and
+/// only the fields a program uses are loaded: the verifier still knows
+/// the pointer as one into the frozen .rodata map, so what it loads there
+/// are known constants to it.
 #[inline(always)]
-fn offsets() -> KernelOffsets {
-    // volatile: the value is patched into .rodata at load time.
-    unsafe { core::ptr::read_volatile(&OFFSETS) }
+fn patched<T>(v: &'static T) -> &'static T {
+    let p: *const T = v;
+    unsafe { &*core::ptr::read_volatile(&p) }
 }
 
 #[inline(always)]
-fn config() -> ProgramConfig {
-    unsafe { core::ptr::read_volatile(&CONFIG) }
+fn offsets() -> &'static KernelOffsets {
+    patched(&OFFSETS)
+}
+
+#[inline(always)]
+fn config() -> &'static ProgramConfig {
+    patched(&CONFIG)
 }
 
 // ---- maps -------------------------------------------------------------------
