@@ -105,7 +105,7 @@ impl Cgroup {
             self.0.strip_prefix(&root).unwrap_or(&self.0).display()
         )
     }
-    pub fn kill_all(&self) {
+    fn kill_all(&self) {
         let kill = self.0.join("cgroup.kill");
         if kill.exists() {
             let _ = std::fs::write(&kill, b"1");

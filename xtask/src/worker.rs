@@ -116,7 +116,7 @@ fn set_affinity(cpus: impl Iterator<Item = usize>) -> Result<()> {
     Ok(())
 }
 
-fn cstring(p: &std::path::Path) -> Result<CString> {
+pub fn cstring(p: &std::path::Path) -> Result<CString> {
     CString::new(p.as_os_str().as_bytes()).context("path contains NUL")
 }
 
